@@ -1,0 +1,1 @@
+"""The instruction data set: schema validation, statistics and prompt rendering."""

@@ -1,0 +1,84 @@
+"""Every shipped config validates; bad configs fail with one message naming each field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from toolkit.cli import app
+from toolkit.config import load_config
+from toolkit.errors import ConfigError
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "model").glob("*.yaml"))
+runner = CliRunner()
+
+
+def test_there_are_five_configs() -> None:
+    assert {p.stem for p in CONFIGS} == {
+        "training_config", "deepseek-coder", "llama2-7b", "codellama-7b", "smollm2-135m"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_shipped_config_validates(path: Path) -> None:
+    cfg = load_config(path)
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (8, 32, 0.1)
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+    assert (cfg.training.batch_size, cfg.training.grad_accum, cfg.training.epochs) == (4, 4, 3)
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 0, result.output
+
+
+def test_seed_recipe_is_exact() -> None:
+    cfg = load_config(Path("configs/model/training_config.yaml"))
+    assert cfg.model.source == "mistralai/Mistral-7B-v0.1"
+    assert cfg.training.learning_rate == 2e-5
+    assert cfg.training.precision.value == "fp16"
+
+
+def test_phase_configs_differ_only_in_source() -> None:
+    seed = load_config(Path("configs/model/training_config.yaml")).model_dump()
+    for name in ("deepseek-coder", "llama2-7b", "codellama-7b"):
+        other = load_config(Path(f"configs/model/{name}.yaml")).model_dump()
+        assert other["model"]["source"] != seed["model"]["source"]
+        other["model"]["source"] = seed["model"]["source"]
+        assert other == seed, name
+
+
+def test_bad_config_lists_every_field(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "model: {source: x}\n"
+        "lora: {r: 0, alpha: 32, dropout: 0.1, target_modules: [q_proj]}\n"
+        "training: {batch_size: 4, learning_rate: 1.0e-4, epochs: 1, precision: fp64, bogus: 1}\n"
+    )
+    result = runner.invoke(app, ["validate", str(bad)])
+    assert result.exit_code == 2
+    message = result.output
+    assert str(bad) in message
+    assert "lora.r" in message and "training.bogus" in message
+    assert "training.precision" in message and "'fp16'" in message and "'bf16'" in message
+    assert "Traceback" not in message
+
+
+def test_broken_yaml_names_line(tmp_path: Path) -> None:
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("model:\n  source: [x\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml: not valid YAML \(line"):
+        load_config(bad)
+
+
+def test_overrides_apply_and_validate() -> None:
+    cfg = load_config(Path("configs/model/smollm2-135m.yaml"),
+                      ["training.max_steps=2", "lora.r=16"])
+    assert cfg.training.max_steps == 2 and cfg.lora.r == 16
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(Path("configs/model/smollm2-135m.yaml"), ["training.max_steps"])
+    with pytest.raises(ConfigError, match="training.epochs"):
+        load_config(Path("configs/model/smollm2-135m.yaml"), ["training.epochs=-1"])
+
+
+def test_qlora_needs_half_precision(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="QLoRA"):
+        load_config(Path("configs/model/smollm2-135m.yaml"), ["training.quantization=nf4"])

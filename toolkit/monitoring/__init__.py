@@ -1,0 +1,1 @@
+"""Serving metrics: the metric contract, the gateway's Prometheus sink and dashboard snapshots."""

@@ -1,0 +1,125 @@
+"""The gateway's metrics sink: plain numbers in, Prometheus metrics out.
+
+The engines and the HTTP layer report numbers (a duration, a token count, a rating); only this
+module knows about `prometheus_client`, and it builds every metric from `TOOLKIT_METRICS` so the
+exposition cannot drift from the contract. The registry is passed in so each test and each app
+instance has its own (no global default registry, no duplicate-registration errors).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
+
+from toolkit.monitoring.contract import ENDPOINTS, TOOLKIT_METRICS
+
+RatingScale = Literal["thumbs", "stars"]
+
+
+def feedback_score01(rating: int, scale: RatingScale) -> float:
+    """Normalise a rating to 0..1 so thumbs and stars share one `toolkit_feedback_score`.
+
+    Raises:
+        ValueError: a rating outside its scale (thumbs: -1 or 1; stars: 1..5).
+    """
+    if scale == "thumbs":
+        if rating not in (-1, 1):
+            raise ValueError(f"thumbs rating {rating} is invalid; send -1 or 1")
+        return (rating + 1) / 2
+    if not 1 <= rating <= 5:
+        raise ValueError(f"stars rating {rating} is invalid; send 1 to 5")
+    return (rating - 1) / 4
+
+
+class GatewayMetrics:
+    """The toolkit metrics plus process metrics, registered in one `CollectorRegistry`."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        specs = {kind: [s for s in TOOLKIT_METRICS if s.kind == kind]
+                 for kind in ("counter", "gauge", "histogram")}
+        self._counters = {s.name: Counter(s.name, s.documentation, s.labels, registry=registry)
+                          for s in specs["counter"]}
+        self._gauges = {s.name: Gauge(s.name, s.documentation, s.labels, registry=registry)
+                        for s in specs["gauge"]}
+        self._histograms = {
+            s.name: Histogram(s.name, s.documentation, s.labels, registry=registry,
+                              buckets=s.buckets or ())
+            for s in specs["histogram"]
+        }
+        ProcessCollector(registry=registry)
+
+    def set_model_info(self, model: str, format: str, quantization: str, engine: str) -> None:
+        """Publish the served model and create its zero-valued series.
+
+        Creating the children up front means `rate()` and the queue alert see the series from
+        the first scrape instead of only after the first request.
+        """
+        self._gauges["toolkit_model_info"].labels(model, format, quantization, engine).set(1)
+        for name in ("toolkit_requests_running", "toolkit_requests_waiting"):
+            self._gauges[name].labels(model, engine)
+        for name in ("toolkit_prompt_tokens", "toolkit_generation_tokens"):
+            self._counters[name].labels(model, engine)
+
+    def request_finished(
+        self, model: str, engine: str, endpoint: str, status: int | str, duration_s: float
+    ) -> None:
+        """Count one answered request and observe its end-to-end duration.
+
+        Raises:
+            ValueError: an endpoint outside `ENDPOINTS`, which would make the label unbounded.
+        """
+        if endpoint not in ENDPOINTS:
+            raise ValueError(f"endpoint {endpoint!r} is not a metric endpoint; use one of "
+                             f"{', '.join(ENDPOINTS)}")
+        self._counters["toolkit_requests"].labels(model, engine, endpoint, str(status)).inc()
+        self._histograms["toolkit_request_duration_seconds"].labels(
+            model, engine, endpoint).observe(duration_s)
+
+    def first_token(self, model: str, engine: str, seconds: float) -> None:
+        """Observe the time to first token of one generation request."""
+        ttft = self._histograms["toolkit_time_to_first_token_seconds"]
+        ttft.labels(model, engine).observe(seconds)
+
+    def tokens(
+        self, model: str, engine: str, prompt: int, generated: int,
+        per_output_token_s: float | None,
+    ) -> None:
+        """Add one request's token counts; `per_output_token_s` is None below two tokens."""
+        self._counters["toolkit_prompt_tokens"].labels(model, engine).inc(prompt)
+        self._counters["toolkit_generation_tokens"].labels(model, engine).inc(generated)
+        if per_output_token_s is not None:
+            self._histograms["toolkit_time_per_output_token_seconds"].labels(
+                model, engine).observe(per_output_token_s)
+
+    def running(self, model: str, engine: str, delta: int) -> None:
+        """Move the running-requests gauge by `delta` (+1 on start, -1 on finish)."""
+        self._gauges["toolkit_requests_running"].labels(model, engine).inc(delta)
+
+    def waiting(self, model: str, engine: str, delta: int) -> None:
+        """Move the queued-requests gauge by `delta` (+1 on enqueue, -1 on dequeue)."""
+        self._gauges["toolkit_requests_waiting"].labels(model, engine).inc(delta)
+
+    def feedback(self, model: str, rating: int | str, score01: float) -> None:
+        """Count one rating and observe its normalised score (see `feedback_score01`).
+
+        Raises:
+            ValueError: a score outside 0..1.
+        """
+        if not 0.0 <= score01 <= 1.0:
+            raise ValueError(f"feedback score {score01} is outside 0..1; use feedback_score01()")
+        self._counters["toolkit_feedback"].labels(model, str(rating)).inc()
+        self._histograms["toolkit_feedback_score"].labels(model).observe(score01)
+
+    def render(self) -> tuple[bytes, str]:
+        """The `/metrics` body and its content type, in the Prometheus text format."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

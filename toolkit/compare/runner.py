@@ -1,0 +1,123 @@
+"""`toolkit compare`: score each variant in its own process, then write JSON, Markdown, charts.
+
+The report folder is written to a temporary sibling and renamed into place when complete, so
+an interrupted comparison leaves the previous report intact.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import shutil
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from toolkit.compare.charts import french_vs_english, quality_vs_size
+from toolkit.compare.scoring import VariantScore, score_variant
+from toolkit.config import DataSection
+from toolkit.data.schema import load_examples
+from toolkit.errors import ToolkitError
+
+
+def _score_in_child(spec: str, data: Path, system_prompt: str, max_new_tokens: int,
+                    threads: int) -> VariantScore:
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(score_variant, spec, data, system_prompt, max_new_tokens,
+                           threads).result()
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def markdown_table(scores: list[VariantScore]) -> str:
+    """The comparison as a Markdown table (what compare.md holds)."""
+    header = ("| variant | format | size MB | ppl | ppl fr | ppl en | chrF | chrF fr | chrF en "
+              "| tok/s | peak RSS MB |")
+    lines = [header, "|" + "---|" * 11]
+    for s in scores:
+        ppl, chrf = s.perplexity, s.chrf
+        lines.append(
+            f"| {s.name} | {s.format} | {s.size_bytes / 2**20:.0f} | {_fmt(ppl['overall'])} "
+            f"| {_fmt(ppl['by_language'].get('fr'))} | {_fmt(ppl['by_language'].get('en'))} "
+            f"| {_fmt(chrf['overall'], 1)} | {_fmt(chrf['by_language'].get('fr'), 1)} "
+            f"| {_fmt(chrf['by_language'].get('en'), 1)} | {_fmt(s.tokens_per_s, 1)} "
+            f"| {s.peak_rss_bytes / 2**20:.0f} |"
+        )
+    categories = sorted({c for s in scores for c in s.chrf["by_category"]})
+    lines += ["", "Per category (ppl / chrF):", "",
+              "| variant | " + " | ".join(categories) + " |",
+              "|---|" + "---|" * len(categories)]
+    for s in scores:
+        cells = [f"{_fmt(s.perplexity['by_category'].get(c))} / "
+                 f"{_fmt(s.chrf['by_category'].get(c), 1)}" for c in categories]
+        lines.append(f"| {s.name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _rich_table(scores: list[VariantScore]) -> Table:
+    table = Table(title="toolkit compare (held-out split)")
+    for column in ("variant", "format", "MB", "ppl", "ppl fr", "ppl en", "chrF", "chrF fr",
+                   "chrF en", "tok/s", "peak MB"):
+        table.add_column(column, justify="left" if column in ("variant", "format") else "right")
+    for s in scores:
+        table.add_row(
+            s.name, s.format, f"{s.size_bytes / 2**20:.0f}", _fmt(s.perplexity["overall"]),
+            _fmt(s.perplexity["by_language"].get("fr")), _fmt(s.perplexity["by_language"].get("en")),
+            _fmt(s.chrf["overall"], 1), _fmt(s.chrf["by_language"].get("fr"), 1),
+            _fmt(s.chrf["by_language"].get("en"), 1), _fmt(s.tokens_per_s, 1),
+            f"{s.peak_rss_bytes / 2**20:.0f}",
+        )
+    return table
+
+
+def run_compare(variants: list[str], *, data: Path, out: Path, max_new_tokens: int = 64,
+                overwrite: bool = False, threads: int = 1, system_prompt: str | None = None,
+                console: Console | None = None) -> list[VariantScore]:
+    """Score every variant on `data` and write compare.json, compare.md and two PNG charts.
+
+    Raises:
+        ToolkitError: no variants, an existing report folder without `overwrite`, or a bad
+            data file (checked before any model is loaded).
+    """
+    console = console or Console()
+    if not variants:
+        raise ToolkitError("compare: name at least one variant (model source, run or export)")
+    if out.exists() and not overwrite:
+        raise ToolkitError(f"{out}: report folder exists; pass --overwrite to replace it")
+    load_examples(data)
+    prompt = system_prompt if system_prompt is not None else DataSection().system_prompt
+
+    scores = []
+    with console.status("") as status:
+        for index, spec in enumerate(variants, start=1):
+            status.update(f"compare: scoring {spec} ({index}/{len(variants)})")
+            scores.append(_score_in_child(spec, data, prompt, max_new_tokens, threads))
+            console.print(f"scored {spec} in {scores[-1].seconds:.0f} s")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        payload: dict[str, Any] = {
+            "data": str(data), "max_new_tokens": max_new_tokens, "threads": threads,
+            "system_prompt": prompt, "variants": [s.to_dict() for s in scores],
+        }
+        (tmp / "compare.json").write_text(json.dumps(payload, indent=2, ensure_ascii=False))
+        (tmp / "compare.md").write_text(markdown_table(scores))
+        quality_vs_size(scores, tmp / "quality_vs_size.png")
+        french_vs_english(scores, tmp / "fr_vs_en.png")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    console.print(_rich_table(scores))
+    console.print(f"wrote {out}/compare.json, compare.md, quality_vs_size.png, fr_vs_en.png")
+    return scores

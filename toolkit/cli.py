@@ -27,7 +27,8 @@ app.add_typer(data_app, name="data")
 app.add_typer(monitor_app, name="monitor")
 app.add_typer(feedback_app, name="feedback")
 
-console = Console(soft_wrap=True)
+# Tables stay readable when piped to a file or a CI log (rich would assume 80 columns).
+console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -121,16 +122,28 @@ def export(
     source: Annotated[Path, typer.Argument(help="Training run folder (or a peft adapter folder).")],
     quantize: Annotated[list[str], typer.Option(help="Format, repeatable: merged, bnb-int8, bnb-nf4, gptq-int4, onnx, onnx-int8.")],
     out: Annotated[Optional[Path], typer.Option(help="Parent folder of the exports (default RUN/exports).")] = None,
-    calibration: Annotated[Path, typer.Option(help="Calibration JSONL (our own FR/EN data).")] = Path("data/train.jsonl"),
+    calibration: Annotated[Optional[Path], typer.Option(help="Calibration JSONL, our own FR/EN data (default: the run's training data, else data/train.jsonl).")] = None,
     eval_data: Annotated[Optional[Path], typer.Option(help="Held-out JSONL for the quality report.")] = None,
     dtype: Annotated[str, typer.Option(help="Merged weights dtype: fp32, fp16 or bf16.")] = "fp16",
     overwrite: Annotated[bool, typer.Option(help="Replace existing export folders.")] = False,
 ) -> None:
-    """Merge the adapters, quantize to each format, verify, and report size/quality/speed."""
+    """Merge the adapters, quantize to each format, verify, and report size/quality/speed.
+
+    Exit status: 0 every format was produced; 1 some were skipped (this machine cannot
+    produce them) or failed, the others are done; 2 nothing was done.
+    """
+    from rich.markup import escape
+
+    from toolkit.errors import ToolkitError
     from toolkit.export import run_export
 
-    run_export(source, quantize, out=out, calibration=calibration, eval_data=eval_data,
-               dtype=dtype, overwrite=overwrite, console=console)
+    try:
+        result = run_export(source, quantize, out=out, calibration=calibration,
+                            eval_data=eval_data, dtype=dtype, overwrite=overwrite, console=console)
+    except ToolkitError as exc:  # user_errors prints markup: keep "pip install 'toolkit[bnb]'"
+        raise type(exc)(escape(str(exc))) from None
+    if not result.complete:
+        raise typer.Exit(1)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -1,0 +1,307 @@
+"""Continuous batching for the embedded engines: one decode loop, many requests per step.
+
+A background thread owns the model. At every step boundary it prefills the requests that
+arrived (left-padded, as one batch), merges them into the running batch, and then decodes one
+token for every running row at once, so a batch of 16 costs little more than a batch of 1 on
+the matrix multiplies and throughput rises with concurrency. Finished or cancelled rows leave
+the batch at the next step. Each request gets its tokens back through its own asyncio queue.
+
+A `StepBackend` does the tensor work (torch for transformers, numpy for ONNX Runtime); this
+module does the rest: sampling, stop strings, detokenization, finish reasons.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from toolkit.serve.engines.base import GenerationChunk, PreparedRequest
+
+log = logging.getLogger("toolkit.serve")
+
+#: top-p sampling sorts this many candidates first and falls back to the full vocabulary
+#: only when they hold less than top_p of the mass (sorting 50k logits per row per step is slow)
+TOP_P_CANDIDATES = 512
+
+
+class StepBackend(Protocol):
+    """The tensor side of batched decoding; states are opaque to the scheduler."""
+
+    #: False when states of different lengths cannot be merged (then requests are batched in
+    #: waves: those arriving while a batch runs wait until it ends)
+    can_merge: bool
+
+    def prefill(self, prompts: list[list[int]]) -> tuple[Any, np.ndarray]:
+        """Run left-padded prompts; return the state and last-position logits (n, vocab)."""
+
+    def decode(self, state: Any, tokens: np.ndarray) -> tuple[Any, np.ndarray]:
+        """Feed one token per row; return the new state and logits (n, vocab)."""
+
+    def select(self, state: Any, rows: list[int]) -> Any:
+        """Keep only `rows` of the batch (in that order)."""
+
+    def merge(self, first: Any, second: Any) -> Any:
+        """One state holding the rows of `first` then those of `second`."""
+
+
+def sample_token(logits: np.ndarray, temperature: float, top_p: float,
+                 rng: np.random.Generator) -> int:
+    """Greedy when temperature is 0, else a temperature / top-p (nucleus) sample."""
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    scaled = logits.astype(np.float64) / temperature
+    if top_p < 1.0:
+        k = min(TOP_P_CANDIDATES, scaled.shape[-1])
+        candidates = np.argpartition(-scaled, k - 1)[:k]
+        full = np.exp(scaled - scaled.max())
+        total = full.sum()
+        order = candidates[np.argsort(-scaled[candidates])]
+        probs = full[order] / total
+        if probs.sum() < top_p:
+            order = np.argsort(-scaled)
+            probs = full[order] / total
+        cumulative = np.cumsum(probs)
+        keep = int(np.searchsorted(cumulative, top_p) + 1)
+        kept = probs[:keep] / probs[:keep].sum()
+        return int(order[rng.choice(keep, p=kept)])
+    probs = np.exp(scaled - scaled.max())
+    cumulative = np.cumsum(probs)
+    return int(min(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"),
+                   len(probs) - 1))
+
+
+class TextStream:
+    """Detokenize a growing token list into deltas, cutting at the first stop string.
+
+    Text that might be the start of a stop string, or an incomplete UTF-8 character, is held
+    back until the next token decides it, so a client never receives text it must un-see.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str], stop: list[str]) -> None:
+        self._decode = decode
+        self._stop = stop
+        self.sent = ""
+
+    def push(self, tokens: list[int], final: bool) -> tuple[str, bool]:
+        """The new text to send and whether a stop string was hit."""
+        text = self._decode(tokens)
+        for stop in self._stop:
+            at = text.find(stop)
+            if at != -1:
+                return self._delta(text[:at]), True
+        if not final:
+            text = text.rstrip("\ufffd")
+            hold = max((n for stop in self._stop for n in range(1, len(stop))
+                        if text.endswith(stop[:n])), default=0)
+            text = text[:len(text) - hold]
+        return self._delta(text), False
+
+    def _delta(self, text: str) -> str:
+        if not text.startswith(self.sent):
+            return ""  # the tokenizer rewrote earlier text (rare); send nothing rather than repeat
+        delta = text[len(self.sent):]
+        self.sent = text
+        return delta
+
+
+@dataclass
+class _Sequence:
+    prepared: PreparedRequest
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    text: TextStream
+    rng: np.random.Generator
+    generated: list[int] = field(default_factory=list)
+    cancelled: bool = False
+    done: bool = False
+
+    def emit(self, item: GenerationChunk | BaseException) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the event loop closed (server shutting down)
+            self.cancelled = True
+
+
+class SequenceHandle:
+    """The request's side: read chunks from `queue`, `cancel()` when the client leaves."""
+
+    def __init__(self, seq: _Sequence, wake: Callable[[], None]) -> None:
+        self._seq = seq
+        self._wake = wake
+        self.queue = seq.queue
+
+    def cancel(self) -> None:
+        """Drop the request from the batch at the next step."""
+        if not self._seq.done:
+            self._seq.cancelled = True
+            self._wake()
+
+
+@dataclass
+class SchedulerStats:
+    """Counters a benchmark or test can read."""
+
+    steps: int = 0
+    prefills: int = 0
+    max_rows: int = 0
+    rows_decoded: int = 0
+
+
+class BatchScheduler:
+    """The decode loop of an embedded engine, on one background thread."""
+
+    def __init__(self, backend: StepBackend, decode: Callable[[list[int]], str],
+                 eos_ids: frozenset[int], max_batch: int, name: str = "engine",
+                 on_thread_start: Callable[[], None] | None = None) -> None:
+        self.backend = backend
+        self.decode = decode
+        self.eos_ids = eos_ids
+        self.max_batch = max_batch
+        self.stats = SchedulerStats()
+        self._name = name
+        self._on_thread_start = on_thread_start
+        self._pending: list[_Sequence] = []
+        self._active: list[_Sequence] = []
+        self._state: Any = None
+        self._next: np.ndarray = np.zeros(0, dtype=np.int64)
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the decode thread."""
+        self._thread = threading.Thread(target=self._run, name=f"{self._name}-decode", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """End the loop; unfinished requests get an error."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def alive(self) -> bool:
+        """True while the decode thread runs."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def submit(self, prepared: PreparedRequest) -> SequenceHandle:
+        """Queue a request for the next step boundary (call from the event loop)."""
+        params = prepared.request.sampling
+        seq = _Sequence(prepared, asyncio.get_running_loop(), asyncio.Queue(),
+                        TextStream(self.decode, params.stop), np.random.default_rng(params.seed))
+        with self._cond:
+            if self._stopping:
+                raise RuntimeError("the engine is stopping")
+            self._pending.append(seq)
+            self._cond.notify_all()
+        return SequenceHandle(seq, self._wake)
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        if self._on_thread_start is not None:
+            self._on_thread_start()
+        while True:
+            with self._cond:
+                while not self._stopping and not self._pending and not self._active:
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                room = self.max_batch - len(self._active)
+                if self._active and not self.backend.can_merge:
+                    room = 0
+                arrived = [s for s in self._pending[:max(room, 0)] if not s.cancelled]
+                self._pending = [s for s in self._pending[max(room, 0):] if not s.cancelled]
+            try:
+                self._drop_finished()
+                if arrived:
+                    self._admit(arrived)
+                if self._active:
+                    self._step()
+            except Exception as exc:  # a model error must fail these requests, not the server
+                log.exception("%s: decode step failed", self._name)
+                for seq in self._active + arrived:
+                    if not seq.done:
+                        seq.done = True
+                        seq.emit(RuntimeError(f"generation failed: {type(exc).__name__}: {exc}"))
+                self._active, self._state = [], None
+        for seq in self._active + self._pending:
+            seq.emit(RuntimeError("the engine stopped"))
+        self._active, self._pending, self._state = [], [], None
+
+    def _admit(self, arrived: list[_Sequence]) -> None:
+        state, logits = self.backend.prefill([s.prepared.prompt_ids for s in arrived])
+        self.stats.prefills += 1
+        tokens = np.array([self._sample(seq, logits[i]) for i, seq in enumerate(arrived)],
+                          dtype=np.int64)
+        keep = [i for i, seq in enumerate(arrived) if not self._accept(seq, int(tokens[i]))]
+        if not keep:
+            return
+        state = self.backend.select(state, keep) if len(keep) < len(arrived) else state
+        new = [arrived[i] for i in keep]
+        if self._state is None or not self._active:
+            self._state, self._active, self._next = state, new, tokens[keep]
+        else:
+            self._state = self.backend.merge(self._state, state)
+            self._active = self._active + new
+            self._next = np.concatenate([self._next, tokens[keep]])
+
+    def _step(self) -> None:
+        self._state, logits = self.backend.decode(self._state, self._next)
+        self.stats.steps += 1
+        self.stats.rows_decoded += len(self._active)
+        self.stats.max_rows = max(self.stats.max_rows, len(self._active))
+        tokens = np.array([self._sample(seq, logits[i]) for i, seq in enumerate(self._active)],
+                          dtype=np.int64)
+        finished = [self._accept(seq, int(tokens[i])) for i, seq in enumerate(self._active)]
+        self._next = tokens
+        if any(finished):
+            self._keep([i for i, done in enumerate(finished) if not done])
+
+    def _drop_finished(self) -> None:
+        if any(seq.cancelled for seq in self._active):
+            for seq in self._active:
+                if seq.cancelled:
+                    seq.done = True
+            self._keep([i for i, seq in enumerate(self._active) if not seq.cancelled])
+
+    def _keep(self, rows: list[int]) -> None:
+        if not rows:
+            self._active, self._state, self._next = [], None, np.zeros(0, dtype=np.int64)
+            return
+        self._state = self.backend.select(self._state, rows)
+        self._active = [self._active[i] for i in rows]
+        self._next = self._next[rows]
+
+    def _sample(self, seq: _Sequence, logits: np.ndarray) -> int:
+        params = seq.prepared.request.sampling
+        return sample_token(logits, params.temperature, params.top_p, seq.rng)
+
+    def _accept(self, seq: _Sequence, token: int) -> bool:
+        """Record one new token; emit its text; return True when the sequence is finished."""
+        if seq.cancelled:
+            seq.done = True
+            return True
+        if token in self.eos_ids:
+            delta, _ = seq.text.push(seq.generated, final=True)
+            seq.done = True
+            seq.emit(GenerationChunk(delta, 1, "stop"))
+            return True
+        seq.generated.append(token)
+        at_limit = len(seq.generated) >= seq.prepared.max_tokens
+        delta, stopped = seq.text.push(seq.generated, final=at_limit)
+        if stopped or at_limit:
+            seq.done = True
+            seq.emit(GenerationChunk(delta, 1, "stop" if stopped else "length"))
+            return True
+        seq.emit(GenerationChunk(delta, 1))
+        return False

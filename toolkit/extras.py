@@ -15,6 +15,7 @@ from toolkit.errors import MissingExtraError
 EXTRA_FOR_MODULE: dict[str, str] = {
     "onnxruntime": "onnx",
     "onnx": "onnx",
+    "onnx_ir": "onnx",
     "bitsandbytes": "bnb",
     "gptqmodel": "gptq",
     "optimum": "gptq",

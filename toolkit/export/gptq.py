@@ -1,0 +1,137 @@
+"""`gptq-int4`: GPTQ 4-bit through gptqmodel, calibrated on the project's FR/EN examples.
+
+Group size: 128 where it divides every quantized layer's input size, else the largest
+power of two that does. This is not cosmetic: gptqmodel quantizes SmolLM2 (hidden 576) at
+g128 without complaint, and its CPU kernel then fails at inference ("expect K to be
+divisible by qGroupSize, got K:576, qGroupSize:128"); g64 works. The checkpoint is saved in
+the GPTQ v1 layout vLLM loads (`quantize_config.json` + `config.json` quantization_config:
+bits, group_size, desc_act, sym, checkpoint_format "gptq"), non-quantized tensors in the
+merged dtype.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from toolkit.errors import ToolkitError
+from toolkit.export.context import ExportContext, VariantResult
+
+PREFERRED_GROUP_SIZE = 128
+MIN_GROUP_SIZE = 16
+#: 2-core machines: more workers only contend (STACK-FACTS); the user's setting wins
+DEFAULT_CPU_WORKERS = "2"
+
+
+def choose_group_size(in_features: Iterable[int],
+                      preferred: int = PREFERRED_GROUP_SIZE) -> tuple[int, str]:
+    """The GPTQ group size for layers with these input sizes, and why.
+
+    Returns:
+        (group size, reason); -1 (one group per output channel) when no power of two from
+        `preferred` down to 16 divides them all.
+    """
+    sizes = sorted({int(k) for k in in_features})
+    if not sizes:
+        raise ToolkitError("gptq-int4: the model has no linear layers to quantize")
+    group = preferred
+    while group >= MIN_GROUP_SIZE:
+        if all(k % group == 0 for k in sizes):
+            if group == preferred:
+                return group, f"{group} divides every layer input size ({', '.join(map(str, sizes))})"
+            bad = [k for k in sizes if k % preferred]
+            return group, (f"{preferred} does not divide input size(s) {', '.join(map(str, bad))} "
+                           f"(the CPU kernel needs it to); {group} is the largest power of two "
+                           "that divides them all")
+        group //= 2
+    return -1, (f"no power of two >= {MIN_GROUP_SIZE} divides every input size "
+                f"({', '.join(map(str, sizes))}); one group per output channel")
+
+
+def quantized_in_features(model_dir: Path, trust_remote_code: bool = False) -> dict[str, int]:
+    """Input size of every linear layer GPTQ quantizes (the decoder's; not lm_head), read
+    from the config on the meta device (no weights loaded)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    output = skeleton.get_output_embeddings()
+    return {name: int(module.in_features) for name, module in skeleton.named_modules()
+            if isinstance(module, torch.nn.Linear) and module is not output}
+
+
+def gptq_settings(model_dir: Path, trust_remote_code: bool = False) -> dict[str, Any]:
+    """The GPTQ settings this exporter uses for `model_dir` (tests and the report read them)."""
+    group, why = choose_group_size(quantized_in_features(model_dir, trust_remote_code).values())
+    return {"method": "gptq", "bits": 4, "group_size": group, "group_size_reason": why,
+            "desc_act": False, "sym": True, "damp_percent": 0.05, "checkpoint_format": "gptq",
+            "reason": "desc_act off: same accuracy class with static groups, faster kernels on "
+                      "every vLLM backend; symmetric: what vLLM's GPTQ/Marlin kernels expect"}
+
+
+def export_gptq(ctx: ExportContext, work: Path) -> VariantResult:
+    """Quantize the merged folder with gptqmodel on our calibration texts and save it."""
+    import torch
+
+    from toolkit.extras import cuda_available, require
+
+    require("gptqmodel", "--quantize gptq-int4")
+    if ctx.merged_dir is None:
+        raise RuntimeError("gptq-int4 starts from the merged folder; export merged first")
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", DEFAULT_CPU_WORKERS)
+    settings = gptq_settings(ctx.merged_dir, ctx.source.trust_remote_code)
+    texts, calibration = ctx.calibration()
+    from gptqmodel import GPTQModel, QuantizeConfig
+    from transformers import AutoTokenizer
+
+    offload = work / ".gptq-offload"
+    quant = QuantizeConfig(bits=4, group_size=settings["group_size"], desc_act=False, sym=True,
+                           damp_percent=settings["damp_percent"],
+                           offload_to_disk_path=str(offload))
+    device = "cuda" if cuda_available() else "cpu"
+    tokenizer = AutoTokenizer.from_pretrained(ctx.merged_dir)
+    ctx.console.print(f"gptq-int4: group size {settings['group_size']} "
+                      f"({settings['group_size_reason']}); calibrating on {len(texts)} examples "
+                      f"{calibration['by_language']}", highlight=False, markup=False)
+    # GPTQ kernels (vLLM's gptq/Marlin, gptqmodel's) take fp16 or bf16 activations, not fp32
+    dtype = torch.bfloat16 if ctx.dtype.value == "bf16" else torch.float16
+    settings["kernel_dtype"] = str(dtype).removeprefix("torch.")
+    model = GPTQModel.load(str(ctx.merged_dir), quant, device=device, dtype=dtype,
+                           trust_remote_code=ctx.source.trust_remote_code)
+    model.quantize(texts, tokenizer=tokenizer, batch_size=1)
+    model.save(str(work))
+    shutil.rmtree(offload, ignore_errors=True)
+    _drop_scratch_paths(work)
+    settings["gptqmodel"] = _version("gptqmodel")
+    settings["cpu_workers"] = os.environ.get("GPTQMODEL_CPU_WORKERS")
+    warnings = [calibration["warning"]] if calibration.get("warning") else []
+    return VariantResult(quantization=settings, calibration=calibration, warnings=warnings)
+
+
+def _drop_scratch_paths(folder: Path) -> None:
+    """gptqmodel records its (deleted) offload folder in the saved configs; drop it."""
+    import json
+
+    for name in ("quantize_config.json", "config.json"):
+        path = folder / name
+        if not path.is_file():
+            continue
+        data = json.loads(path.read_text(encoding="utf-8"))
+        block = data.get("quantization_config", data) if name == "config.json" else data
+        meta = block.get("meta") if isinstance(block, dict) else None
+        if isinstance(meta, dict) and meta.pop("offload_to_disk_path", None) is not None:
+            path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def _version(package: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None

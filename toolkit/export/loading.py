@@ -1,0 +1,256 @@
+"""Open any export folder behind one interface: tokenizer, report, logits and greedy decoding.
+
+Export verifies every format through this module, and serve and compare reuse it, so what a
+report measured is what they run. transformers opens merged, bitsandbytes and GPTQ folders;
+ONNX Runtime (`OnnxCausalLM`) opens ONNX ones. On a CPU the PyTorch formats compute in
+fp32 (CPUs have no fast fp16 matmul; fp16-saved weights are upcast exactly), on CUDA in the
+dtype they were saved in.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from toolkit.errors import ModelSourceError
+from toolkit.evaluation import LogitsFn
+from toolkit.export.registry import REGISTRY, ExportFormat
+
+REPORT_NAME = "export_report.json"
+
+
+@dataclass
+class LoadedExport:
+    """An export ready to score and generate with.
+
+    Attributes:
+        path: the folder.
+        format: what it holds.
+        engine: "transformers" or "onnxruntime".
+        tokenizer: with the chat template used in training.
+        report: `export_report.json` as a dict ({} while export is still verifying it).
+        logits_fn: token ids (1, T) -> logits (1, T, vocab), an `evaluation.LogitsFn`.
+        eos_token_ids: tokens that end a reply (generation config + tokenizer).
+        model: the transformers model or the `OnnxCausalLM`.
+    """
+
+    path: Path
+    format: ExportFormat
+    engine: str
+    tokenizer: Any
+    report: dict[str, Any]
+    logits_fn: LogitsFn
+    eos_token_ids: list[int]
+    model: Any
+    _generate: Callable[[list[int], int, bool], list[int]] = field(repr=False, default=None)  # type: ignore[assignment]
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int,
+                 stop_at_eos: bool = True) -> list[int]:
+        """Greedy batch-1 decoding: the new token ids (an EOS that ends the reply included).
+
+        Args:
+            stop_at_eos: False decodes exactly `max_new_tokens` (what speed measurements use).
+        """
+        if not prompt_ids:
+            raise ValueError("generate needs a non-empty prompt")
+        return self._generate(list(prompt_ids), int(max_new_tokens), stop_at_eos)
+
+    def logits(self, input_ids: np.ndarray) -> np.ndarray:
+        """Alias of `logits_fn`."""
+        return self.logits_fn(input_ids)
+
+
+def read_report(path: Path) -> dict[str, Any]:
+    """`export_report.json` of a folder, or {} when it has none."""
+    report_path = Path(path) / REPORT_NAME
+    if not report_path.is_file():
+        return {}
+    return json.loads(report_path.read_text(encoding="utf-8"))
+
+
+def detect_format(path: Path) -> ExportFormat:
+    """The format of a folder: from its report, else from its files and quantization_config.
+
+    Raises:
+        ModelSourceError: not a model folder.
+    """
+    path = Path(path)
+    report = read_report(path)
+    if report.get("format"):
+        return ExportFormat(report["format"])
+    if (path / "model.onnx").is_file():
+        quantized = any("int8" in p.name or "quant" in p.name for p in path.glob("*.json"))
+        return ExportFormat.onnx_int8 if quantized else ExportFormat.onnx
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise ModelSourceError(f"{path}: no config.json or model.onnx; not an export folder")
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    quant = config.get("quantization_config") or {}
+    method = str(quant.get("quant_method") or "").lower()
+    if method == "bitsandbytes":
+        return ExportFormat.bnb_nf4 if quant.get("load_in_4bit") else ExportFormat.bnb_int8
+    if method == "gptq":
+        return ExportFormat.gptq_int4
+    return ExportFormat.merged
+
+
+def eos_ids(tokenizer: Any, generation_config: Any = None) -> list[int]:
+    """EOS ids from the generation config, plus the tokenizer's."""
+    configured = getattr(generation_config, "eos_token_id", None) if generation_config else None
+    ids = configured if isinstance(configured, list) else [configured]
+    out = [int(i) for i in ids if i is not None]
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in out:
+        out.append(int(tokenizer.eos_token_id))
+    return out
+
+
+def _load_tokenizer(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    from toolkit.data.prompts import ensure_chat_template
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    ensure_chat_template(tokenizer)
+    return tokenizer
+
+
+def load_transformers_model(path: Path, fmt: ExportFormat, device: str | None = None) -> Any:
+    """from_pretrained for the PyTorch formats, in the dtype that computes well here."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from toolkit.extras import cuda_available
+
+    device = device or ("cuda" if cuda_available() else "cpu")
+    kwargs: dict[str, Any] = {"device_map": device}
+    if fmt in (ExportFormat.bnb_int8, ExportFormat.bnb_nf4):
+        import logging
+
+        from toolkit.extras import require
+
+        require("bitsandbytes", f"loading a {fmt.value} export")
+        # "MatMul8bitLt: inputs will be cast to float16" is logged on every int8 matmul
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    if fmt is ExportFormat.gptq_int4:
+        from toolkit.extras import require
+
+        require("gptqmodel", f"loading a {fmt.value} export")
+        require("optimum", f"loading a {fmt.value} export")
+    if device == "cpu":
+        kwargs["dtype"] = torch.float32
+    else:
+        kwargs["dtype"] = "auto"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if device == "cpu" and fmt in (ExportFormat.bnb_int8, ExportFormat.bnb_nf4):
+        _bnb_compute_fp32(model)
+    model.eval()
+    return model
+
+
+def _bnb_compute_fp32(model: Any) -> None:
+    """bitsandbytes keeps a checkpoint's saved dtype on reload (fp16 embeddings and norms,
+    fp16 compute); on a CPU fp16 is slow and less exact, so compute in fp32 instead."""
+    import torch
+
+    for module in model.modules():
+        if hasattr(module, "compute_dtype") and getattr(module, "compute_dtype", None) is not None:
+            module.compute_dtype = torch.float32
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.dtype in (torch.float16, torch.bfloat16):
+                param.data = param.data.float()
+        for name, buf in list(module.named_buffers(recurse=False)):
+            if buf.dtype in (torch.float16, torch.bfloat16):
+                setattr(module, name, buf.float())
+
+
+def _torch_greedy(model: Any, eos: list[int]) -> Callable[[list[int], int, bool], list[int]]:
+    """A plain greedy loop over the KV cache: no generation-config surprises, exact length
+    when `stop_at_eos` is False."""
+    import torch
+
+    device = next(model.parameters()).device
+
+    def generate(prompt_ids: list[int], max_new_tokens: int, stop_at_eos: bool) -> list[int]:
+        out: list[int] = []
+        ids = torch.tensor([prompt_ids], device=device)
+        past = None
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for _ in range(max_new_tokens):
+                result = model(input_ids=ids, past_key_values=past, use_cache=True)
+                past = result.past_key_values
+                token = int(result.logits[0, -1].argmax())
+                out.append(token)
+                if stop_at_eos and token in eos:
+                    break
+                ids = torch.tensor([[token]], device=device)
+        return out
+
+    return generate
+
+
+def _torch_logits(model: Any) -> LogitsFn:
+    from toolkit.evaluation import torch_logits_fn
+
+    inner = torch_logits_fn(model)
+
+    def logits_fn(ids: np.ndarray) -> np.ndarray:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # bitsandbytes warns on every int8 matmul
+            return inner(ids)
+
+    return logits_fn
+
+
+def load_export(path: Path | str, *, fmt: ExportFormat | str | None = None,
+                threads: int | None = None, device: str | None = None) -> LoadedExport:
+    """Open an export folder (any format) for scoring and greedy generation.
+
+    Args:
+        path: a folder written by `toolkit export` (or a plain merged HF folder).
+        fmt: the format when known (export passes it while the report is not written yet).
+        threads: ONNX Runtime intra-op threads (PyTorch uses the process setting).
+        device: "cpu" or "cuda" for the PyTorch formats (default: cuda when available).
+
+    Raises:
+        ModelSourceError: not an export folder. MissingExtraError: its backend is missing.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelSourceError(f"{path}: no such export folder")
+    fmt = ExportFormat(fmt) if fmt is not None else detect_format(path)
+    report = read_report(path)
+    tokenizer = _load_tokenizer(path)
+    if REGISTRY[fmt].family == "onnx":
+        from toolkit.export.onnx_runtime import OnnxCausalLM
+
+        onnx_model = OnnxCausalLM.from_dir(path, threads=threads)
+        generation_config = _generation_config(path)
+        eos = eos_ids(tokenizer, generation_config)
+
+        def onnx_generate(prompt_ids: list[int], max_new_tokens: int, stop_at_eos: bool) -> list[int]:
+            return onnx_model.generate_all([prompt_ids], max_new_tokens,
+                                           eos_token_ids=eos if stop_at_eos else ())[0]
+
+        return LoadedExport(path, fmt, "onnxruntime", tokenizer, report,
+                            lambda ids: onnx_model.logits(ids), eos, onnx_model, onnx_generate)
+    model = load_transformers_model(path, fmt, device)
+    eos = eos_ids(tokenizer, getattr(model, "generation_config", None))
+    return LoadedExport(path, fmt, "transformers", tokenizer, report, _torch_logits(model), eos,
+                        model, _torch_greedy(model, eos))
+
+
+def _generation_config(path: Path) -> Any:
+    if not (path / "generation_config.json").is_file():
+        return None
+    from transformers import GenerationConfig
+
+    return GenerationConfig.from_pretrained(path)

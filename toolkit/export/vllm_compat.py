@@ -1,0 +1,110 @@
+"""Can vLLM serve an export here? Asked of the installed vLLM, not assumed.
+
+vLLM lives in its own venv (it pins its own torch/transformers); `$TOOLKIT_VLLM_PYTHON`
+names that interpreter. When it is set, a subprocess asks vLLM for its version, its
+platform and the quantization methods that platform supports (`current_platform.
+supported_quantization`; empty means "all registered methods"). Without a vLLM there is
+nothing to load into, so `loadable` is False and the reason says so. Serve reads
+`engine_hint` to choose an engine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from toolkit.export.registry import ExportFormat
+
+VLLM_PYTHON_ENV = "TOOLKIT_VLLM_PYTHON"
+#: the vLLM `--quantization` method each PyTorch format needs
+VLLM_METHOD: dict[ExportFormat, str | None] = {
+    ExportFormat.merged: None,
+    ExportFormat.bnb_int8: "bitsandbytes",
+    ExportFormat.bnb_nf4: "bitsandbytes",
+    ExportFormat.gptq_int4: "gptq",
+}
+_PROBE = (
+    "import json, vllm\n"
+    "from vllm.platforms import current_platform as p\n"
+    "from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS as q\n"
+    "print(json.dumps({'version': vllm.__version__, 'device': str(p.device_type),"
+    " 'platform': list(getattr(p, 'supported_quantization', []) or []),"
+    " 'registered': list(q)}))\n"
+)
+
+
+@dataclass(frozen=True)
+class VllmInfo:
+    """What the configured vLLM reports about itself."""
+
+    python: str
+    version: str
+    device: str  # "cuda", "cpu"...
+    methods: tuple[str, ...]  # quantization methods usable on its platform
+
+
+@lru_cache(maxsize=4)
+def probe_vllm(python: str | None = None) -> VllmInfo | str:
+    """Ask the vLLM venv about itself; returns a reason string when there is none."""
+    python = python or os.environ.get(VLLM_PYTHON_ENV)
+    if not python:
+        return f"no vLLM configured here (set {VLLM_PYTHON_ENV} to the python of a vLLM venv)"
+    if not Path(python).is_file():
+        return f"{VLLM_PYTHON_ENV}={python} does not exist"
+    try:
+        done = subprocess.run([python, "-c", _PROBE], capture_output=True, text=True,
+                              timeout=180, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"cannot run {python} ({type(exc).__name__})"
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        return f"vLLM does not import in {python}: {lines[-1] if lines else 'no output'}"
+    data = json.loads(done.stdout.strip().splitlines()[-1])
+    methods = tuple(data["platform"] or data["registered"])
+    return VllmInfo(python, str(data["version"]), str(data["device"]), methods)
+
+
+def cpu_has_avx512() -> bool:
+    """vLLM's CPU GPTQ kernels need AVX512 (avx512f in /proc/cpuinfo)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return any(line.startswith("flags") and " avx512f" in line for line in text.splitlines())
+
+
+def vllm_support(fmt: ExportFormat, info: VllmInfo | str | None = None) -> dict[str, Any]:
+    """The report's `vllm` block: {loadable, quantization, reason, checked, version, device}."""
+    if fmt in (ExportFormat.onnx, ExportFormat.onnx_int8):
+        return {"loadable": False, "quantization": None, "checked": False, "version": None,
+                "device": None, "reason": "vLLM does not run ONNX graphs; serve with onnxruntime"}
+    method = VLLM_METHOD[fmt]
+    info = probe_vllm() if info is None else info
+    if isinstance(info, str):
+        return {"loadable": False, "quantization": method, "checked": False, "version": None,
+                "device": None, "reason": info}
+    block: dict[str, Any] = {"quantization": method, "checked": True, "version": info.version,
+                             "device": info.device}
+    if method is None:
+        return {**block, "loadable": True, "reason": f"unquantized weights; vLLM {info.version} "
+                                                     f"({info.device}) loads them"}
+    if method not in info.methods:
+        return {**block, "loadable": False,
+                "reason": f"vLLM {info.version} on {info.device} has no {method} method "
+                          f"(its methods: {', '.join(sorted(info.methods)) or 'none'})"}
+    if method == "gptq" and info.device == "cpu" and not cpu_has_avx512():
+        return {**block, "loadable": False,
+                "reason": f"vLLM {info.version}'s CPU GPTQ kernels need AVX512; this CPU has none"}
+    return {**block, "loadable": True, "reason": f"vLLM {info.version} ({info.device}) lists {method}"}
+
+
+def engine_hint(fmt: ExportFormat, vllm: dict[str, Any]) -> list[str]:
+    """Engines that can serve the folder on this machine, best first."""
+    if fmt in (ExportFormat.onnx, ExportFormat.onnx_int8):
+        return ["onnxruntime"]
+    return (["vllm"] if vllm.get("loadable") else []) + ["transformers"]

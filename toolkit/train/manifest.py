@@ -71,10 +71,13 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def package_versions() -> dict[str, str | None]:
-    """Versions of the packages that determine what a run produced."""
+TRAIN_PACKAGES = ("toolkit", "torch", "transformers", "peft", "accelerate")
+
+
+def package_versions(names: tuple[str, ...] = TRAIN_PACKAGES) -> dict[str, str | None]:
+    """Versions of the packages that determine what a run (or an export) produced."""
     versions: dict[str, str | None] = {"python": platform.python_version()}
-    for name in ("toolkit", "torch", "transformers", "peft", "accelerate"):
+    for name in names:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from toolkit.export.onnx_runtime import left_pad
 from toolkit.serve.engines.base import EngineInfo
 from toolkit.serve.engines.embedded import EmbeddedEngine, eos_token_ids
 
@@ -54,12 +55,7 @@ class OrtStepBackend:
         return outputs[1:], np.asarray(outputs[0][:, -1], dtype=np.float32)
 
     def prefill(self, prompts: list[list[int]]) -> tuple[OrtState, np.ndarray]:
-        width = max(len(p) for p in prompts)
-        ids = np.zeros((len(prompts), width), dtype=np.int64)
-        mask = np.zeros_like(ids)
-        for row, prompt in enumerate(prompts):
-            ids[row, width - len(prompt):] = prompt
-            mask[row, width - len(prompt):] = 1
+        ids, mask = left_pad(prompts)
         positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int64)
         empty = [np.zeros((len(prompts), self.kv_heads, 0, self.head_dim), dtype=self.kv_dtype)
                  for _ in self.past_names]

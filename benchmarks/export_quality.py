@@ -58,6 +58,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args()
 
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
@@ -66,7 +67,8 @@ def main() -> int:
 
     if args.train or not (args.run / "manifest.json").is_file():
         train_run(args.run, args.max_steps)
-    console = Console()
+    # piped into a log, rich would assume 80 columns and truncate the numbers
+    console = Console(width=None if sys.stdout.isatty() else 180)
     formats = [f for f in ExportFormat if unavailable_reason(f) is None]
     for fmt in ExportFormat:
         if fmt not in formats:
@@ -75,7 +77,8 @@ def main() -> int:
     result = run_export(args.run, [f.value for f in formats], out=out, overwrite=True,
                         threads=args.threads, console=console)
 
-    table = Table(title=f"export quality: {args.run} ({args.threads} thread(s))")
+    table = Table(title=f"export quality: {args.run} ({args.threads} thread(s))",
+                  box=box.SIMPLE_HEAD)
     for header in ("format", "weights MB", "vs fp16", "size target", "ppl", "fr", "en",
                    "Δ ppl", "Δ fr", "Δ en", "Δ target", "tok/s", "export s", "status"):
         table.add_column(header, justify="left" if header in ("format", "status") else "right")

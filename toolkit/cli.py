@@ -38,12 +38,16 @@ def user_errors(func: F) -> F:
 
     @wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from rich.markup import escape
+
         from toolkit.errors import ToolkitError
 
         try:
             return func(*args, **kwargs)
         except ToolkitError as exc:
-            err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            # The message is plain text: escape it so "pip install 'toolkit[bnb]'" stays intact.
+            err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False,
+                              soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
@@ -132,16 +136,10 @@ def export(
     Exit status: 0 every format was produced; 1 some were skipped (this machine cannot
     produce them) or failed, the others are done; 2 nothing was done.
     """
-    from rich.markup import escape
-
-    from toolkit.errors import ToolkitError
     from toolkit.export import run_export
 
-    try:
-        result = run_export(source, quantize, out=out, calibration=calibration,
-                            eval_data=eval_data, dtype=dtype, overwrite=overwrite, console=console)
-    except ToolkitError as exc:  # user_errors prints markup: keep "pip install 'toolkit[bnb]'"
-        raise type(exc)(escape(str(exc))) from None
+    result = run_export(source, quantize, out=out, calibration=calibration,
+                        eval_data=eval_data, dtype=dtype, overwrite=overwrite, console=console)
     if not result.complete:
         raise typer.Exit(1)
 

@@ -56,7 +56,7 @@ def resolve_hardware(cfg: TrainConfig) -> Hardware:
             )
         require("bitsandbytes", "training.quantization: nf4 (QLoRA)")
     if not cuda:
-        name = platform.processor() or platform.machine() or "cpu"
+        name = _cpu_name() or platform.processor() or platform.machine() or "cpu"
         if requested is Precision.fp32:
             return Hardware("cpu", name, Precision.fp32, requested)
         return Hardware(
@@ -72,6 +72,17 @@ def resolve_hardware(cfg: TrainConfig) -> Hardware:
             f"training.precision: bf16 is not supported by {name}; set training.precision: fp16"
         )
     return Hardware("cuda", name, requested, requested)
+
+
+def _cpu_name() -> str | None:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        return None
+    return None
 
 
 def torch_dtype(precision: Precision) -> Any:

@@ -4,9 +4,11 @@ Both variants train the same base, LoRA recipe and data (the same encoded exampl
 tokens only in the loss) for the same number of optimizer steps with the same batch size,
 gradient accumulation, learning rate and seed. They differ in what toolkit adds:
 
-- toolkit: packing (several examples per row, block-diagonal attention, no pad tokens) and
-  a loss that projects only answer positions onto the vocabulary;
-- baseline: one example per row, the model's own loss over full logits, and one of the two
+- toolkit: packing (several examples per row, block-diagonal attention, no pad tokens),
+  a loss that projects only answer positions onto the vocabulary, and, for a bf16 config on
+  a CPU with native bf16 (AVX512-BF16/AMX), the frozen base stored in bf16;
+- baseline: one example per row, the model's own loss over full logits, the same precision
+  the plain Trainer way (`bf16=True`: autocast over the fp32 weights), and one of the two
   paddings a plain script gets: `max_length` (`tokenizer(..., padding="max_length")` and
   `default_data_collator`, the seed's style: every row padded to max_seq_len) and
   `longest` (`DataCollatorForSeq2Seq`'s default `padding=True`: to the longest row of each
@@ -17,7 +19,7 @@ its own. tokens/s counts non-pad tokens over training time only (evaluation excl
 The final eval loss is the answer-token loss on the held-out file, computed for both by
 `toolkit.train.evaluate.evaluate_split`.
 
-    .venv/bin/python benchmarks/train_throughput.py [--steps 4] [--threads 2]
+    .venv/bin/python benchmarks/train_throughput.py [--steps 2] [--threads 2] [--precision fp32]
 
 Target: toolkit >= 1.5x the baseline's tokens/s at equal (or lower) eval loss, with peak
 RSS no higher. Against `longest` the gain is bounded by that baseline's padding share plus
@@ -46,6 +48,8 @@ def _config(args: argparse.Namespace) -> Any:
 
     overrides = [f"training.max_steps={args.steps}", f"training.threads={args.threads}",
                  f"data.train={args.data}", f"data.eval={args.eval_data}"]
+    if args.precision:
+        overrides.append(f"training.precision={args.precision}")
     if args.max_seq_len:
         overrides.append(f"training.max_seq_len={args.max_seq_len}")
     return load_config(Path(args.config), overrides)
@@ -72,7 +76,7 @@ def run_toolkit(args: argparse.Namespace) -> dict[str, Any]:
         "train_time_s": manifest["train_time_s"], "steps": manifest["steps"],
         "eval_loss": manifest["metrics"]["after"]["loss"],
         "eval_loss_before": manifest["metrics"]["before"]["loss"],
-        "threads": torch.get_num_threads(), "peak_rss_bytes": _peak_rss(),
+        "precision": manifest["device"]["precision"], "threads": torch.get_num_threads(), "peak_rss_bytes": _peak_rss(),
     }
 
 
@@ -93,10 +97,12 @@ def run_baseline(args: argparse.Namespace, padding: str) -> dict[str, Any]:
     from toolkit.model_source import resolve_model
     from toolkit.train.dataset import encode_split, load_split
     from toolkit.train.evaluate import evaluate_split
+    from toolkit.train.model import resolve_hardware
 
     torch.set_num_threads(args.threads)
     cfg = _config(args)
     t = cfg.training
+    bf16 = resolve_hardware(cfg).precision.value == "bf16"  # what toolkit runs in here
     path = resolve_model(cfg.model.source, cfg.model.revision).path
     tokenizer = AutoTokenizer.from_pretrained(path)
     ensure_chat_template(tokenizer)
@@ -122,7 +128,7 @@ def run_baseline(args: argparse.Namespace, padding: str) -> dict[str, Any]:
             max_steps=args.steps, warmup_steps=t.warmup_ratio, weight_decay=t.weight_decay,
             lr_scheduler_type="linear", optim="adamw_torch", seed=t.seed, data_seed=t.seed,
             use_cpu=True, report_to="none", save_strategy="no", logging_steps=1,
-            disable_tqdm=True, include_num_input_tokens_seen="non_padding",
+            disable_tqdm=True, include_num_input_tokens_seen="non_padding", bf16=bf16,
         )
         if padding == "max_length":
             rows = [_pad_row(row, tokenizer.pad_token_id, t.max_seq_len) for row in rows]
@@ -136,9 +142,10 @@ def run_baseline(args: argparse.Namespace, padding: str) -> dict[str, Any]:
         trainer.train()
         seconds = time.perf_counter() - start
     tokens = int(trainer.state.num_input_tokens_seen)
-    after = evaluate_split(model, held_out.examples)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        after = evaluate_split(model, held_out.examples)
     return {
-        "padding": padding, "padded_tokens": 1 - counting.real / max(counting.total, 1),
+        "padding": padding, "precision": "bf16" if bf16 else "fp32", "padded_tokens": 1 - counting.real / max(counting.total, 1),
         "tokens_per_s": tokens / seconds, "train_tokens": tokens, "train_time_s": seconds,
         "steps": trainer.state.global_step, "eval_loss": after.loss,
         "threads": torch.get_num_threads(), "peak_rss_bytes": _peak_rss(),
@@ -184,6 +191,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="optimizer steps per variant")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per variant")
     parser.add_argument("--max-seq-len", type=int, default=None)
+    parser.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default=None,
+                        help="override training.precision for every variant")
     parser.add_argument("--baselines", nargs="+", choices=["max_length", "longest"],
                         default=["max_length", "longest"], help="baseline paddings to run")
     args = parser.parse_args()
@@ -204,11 +213,11 @@ def main() -> None:
     ours = results["toolkit"]
     print(f"\ntrain throughput: {args.steps} optimizer steps per variant, {ours['threads']} torch "
           f"thread(s) each, {os.cpu_count()} CPUs; tokens = non-pad tokens trained")
-    print(f"{'variant':<30} {'tokens/s':>9} {'tokens':>7} {'train s':>8} {'peak RSS':>10} "
+    print(f"{'variant':<30} {'prec':>5} {'tokens/s':>9} {'tokens':>7} {'train s':>8} {'peak RSS':>10} "
           f"{'eval loss':>10}")
     for name, row in results.items():
         label = f"{name} ({row['padded_tokens']:.0%} pad)" if "padded_tokens" in row else name
-        print(f"{label:<30} {row['tokens_per_s']:>9.1f} {row['train_tokens']:>7} "
+        print(f"{label:<30} {row['precision']:>5} {row['tokens_per_s']:>9.1f} {row['train_tokens']:>7} "
               f"{row['train_time_s']:>8.1f} {row['peak_rss_bytes'] / 2**30:>6.2f} GiB "
               f"{row['eval_loss']:>10.4f}")
     print(f"held-out loss before training: {ours['eval_loss_before']:.4f}")

@@ -164,8 +164,9 @@ def _segment_losses(labels: Any, logits: Any, starts: list[list[int]]) -> list[f
     return losses
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])  # eager: what CPU bf16 trains with
 def test_packing_gives_the_unpacked_loss(tiny_model_dir: Path, tokenizer: Any,
-                                         train_data: tuple[Path, Path]) -> None:
+                                         train_data: tuple[Path, Path], attention: str) -> None:
     import torch
 
     from toolkit.data.schema import load_examples
@@ -174,6 +175,7 @@ def test_packing_gives_the_unpacked_loss(tiny_model_dir: Path, tokenizer: Any,
 
     cfg = make_config(tiny_model_dir, train_data)
     model = load_base(cfg, tiny_model_dir, resolve_hardware(cfg)).eval()
+    model.set_attn_implementation(attention)
     assert model.config.use_cache is False  # a KV cache would disable packed-mask detection
     split = encode_split(tokenizer, train_data[0], load_examples(train_data[0]), None, 512)
     rows = pack_rows(split.examples, 512, seed=0)
@@ -212,15 +214,55 @@ def test_unknown_target_module_lists_linear_modules(tiny_model_dir: Path,
         assert name in message
 
 
-def test_fp16_on_cpu_falls_back_with_one_warning(tiny_model_dir: Path,
-                                                 train_data: tuple[Path, Path]) -> None:
+@pytest.mark.parametrize(("requested", "native_bf16", "runs", "warns"), [
+    ("fp32", True, "fp32", False),
+    ("fp32", False, "fp32", False),
+    ("bf16", True, "bf16", False),
+    ("bf16", False, "fp32", True),
+    ("fp16", True, "bf16", True),
+    ("fp16", False, "fp32", True),
+])
+def test_cpu_precision_is_what_the_cpu_computes_fast(requested: str, native_bf16: bool,
+                                                     runs: str, warns: bool) -> None:
     from toolkit.config import Precision
-    from toolkit.train.model import resolve_hardware
+    from toolkit.train.model import cpu_hardware
+
+    hardware = cpu_hardware("test cpu", Precision(requested), native_bf16)
+    assert hardware.device == "cpu" and hardware.precision is Precision(runs)
+    assert hardware.requested is Precision(requested)
+    if warns:  # one line that says what runs instead
+        assert hardware.warning and "\n" not in hardware.warning and runs in hardware.warning
+        assert f"training.precision: {requested}" in hardware.warning
+    else:
+        assert hardware.warning is None
+
+
+def test_cpu_bf16_loads_a_bf16_base_with_eager_attention(
+        tiny_model_dir: Path, train_data: tuple[Path, Path]) -> None:
+    import torch
+
+    from toolkit.config import Precision
+    from toolkit.train.model import Hardware, load_base
+
+    cfg = make_config(tiny_model_dir, train_data, precision="bf16")
+    model = load_base(cfg, tiny_model_dir, Hardware("cpu", "c", Precision.bf16, Precision.bf16))
+    assert model.config._attn_implementation == "eager"
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    fp32 = load_base(cfg, tiny_model_dir, Hardware("cpu", "c", Precision.fp32, Precision.bf16))
+    assert fp32.config._attn_implementation == "sdpa"
+    assert {p.dtype for p in fp32.parameters()} == {torch.float32}
+
+
+def test_fp16_on_this_cpu_falls_back_with_one_warning(tiny_model_dir: Path,
+                                                      train_data: tuple[Path, Path]) -> None:
+    from toolkit.config import Precision
+    from toolkit.train.model import cpu_has_native_bf16, resolve_hardware
 
     hardware = resolve_hardware(make_config(tiny_model_dir, train_data, precision="fp16"))
-    assert hardware.device == "cpu" and hardware.precision is Precision.fp32
+    expected = Precision.bf16 if cpu_has_native_bf16() else Precision.fp32
+    assert hardware.device == "cpu" and hardware.precision is expected
     assert hardware.requested is Precision.fp16
-    assert hardware.warning and "\n" not in hardware.warning and "fp32" in hardware.warning
+    assert hardware.warning and "\n" not in hardware.warning and expected.value in hardware.warning
 
 
 def test_qlora_without_cuda_fails_before_loading(tiny_model_dir: Path,

@@ -39,6 +39,7 @@ def test_loss_decreases(finished_run: Any) -> None:
 def test_manifest_has_every_promised_field(finished_run: Any, tiny_model_dir: Path,
                                            train_data: tuple[Path, Path]) -> None:  # noqa: F811
     from toolkit.model_source import resolve_model
+    from toolkit.train.model import cpu_has_native_bf16
 
     manifest = read_manifest(finished_run.run_dir)
     assert manifest == json.loads(json.dumps(finished_run.manifest))
@@ -54,8 +55,9 @@ def test_manifest_has_every_promised_field(finished_run: Any, tiny_model_dir: Pa
         assert entry["examples"] == len(path.read_text().splitlines())
     assert set(manifest["versions"]) >= {"torch", "transformers", "peft", "accelerate", "python"}
     assert all(manifest["versions"].values())
-    # fp16 was asked for; this CPU trains in fp32 (one warning) and says so
-    assert manifest["device"]["type"] == "cpu" and manifest["device"]["precision"] == "fp32"
+    # fp16 was asked for; a CPU trains in bf16 where it has native bf16, else fp32, and says so
+    expected = "bf16" if cpu_has_native_bf16() else "fp32"
+    assert manifest["device"]["type"] == "cpu" and manifest["device"]["precision"] == expected
     assert manifest["device"]["requested_precision"] == "fp16"
     assert manifest["device"]["threads"] == 1
     assert manifest["world_size"] == 1 and manifest["packing"] is True

@@ -18,7 +18,7 @@ Schema (version 1; every key is always present, `null` where it does not apply):
                         eval: {...} | null}
     versions           {toolkit, torch, transformers, peft, accelerate, python}
     device             {type: cpu|cuda, name, precision, requested_precision, quantization,
-                        threads, world_size}
+                        threads, world_size, micro_batch_rows, accumulation_steps}
     world_size         int (processes that trained)
     packing            bool
     metrics            {before: Perplexity.to_dict() | null,
@@ -28,6 +28,7 @@ Schema (version 1; every key is always present, `null` where it does not apply):
     steps              optimizer steps done (cumulative over resumes)
     resumed_from_step  int | null
     train_tokens       non-pad tokens trained in this invocation (all processes)
+    (data.*.truncated counts each split; truncated_examples is train + eval)
     wall_time_s        this invocation, start to end (model load and evaluations included)
     train_time_s       the training loop only
     tokens_per_s       train_tokens / train_time_s

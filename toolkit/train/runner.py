@@ -136,7 +136,7 @@ def _training_arguments(cfg: TrainConfig, work: Path, cuda: bool, precision: str
         seed=t.seed,
         data_seed=t.seed,
         fp16=cuda and precision == "fp16",
-        bf16=cuda and precision == "bf16",
+        bf16=precision == "bf16",  # on a CPU too: autocast over the bf16 base
         use_cpu=not cuda,
         activation_checkpointing=t.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},

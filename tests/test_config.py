@@ -81,4 +81,5 @@ def test_overrides_apply_and_validate() -> None:
 
 def test_qlora_needs_half_precision(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="QLoRA"):
-        load_config(Path("configs/model/smollm2-135m.yaml"), ["training.quantization=nf4"])
+        load_config(Path("configs/model/smollm2-135m.yaml"),
+                    ["training.quantization=nf4", "training.precision=fp32"])

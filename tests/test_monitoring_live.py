@@ -11,14 +11,22 @@ import threading
 from pathlib import Path
 
 import httpx
-import pytest
 from typer.testing import CliRunner
 
 from tests.prometheus_helpers import query, running_prometheus, wait_for
 from tests.serve_helpers import running_gateway
 from toolkit.cli import app
-from toolkit.monitoring.contract import PROCESS_METRICS, VLLM_METRICS, exposed_series_names
-from toolkit.monitoring.dashboard import list_panels, load_dashboard, metric_names_in, panel_queries
+from toolkit.monitoring.contract import (
+    PROCESS_METRICS,
+    VLLM_METRICS,
+    exposed_series_names,
+)
+from toolkit.monitoring.dashboard import (
+    list_panels,
+    load_dashboard,
+    metric_names_in,
+    panel_queries,
+)
 
 DASHBOARD = Path(__file__).resolve().parents[1] / "monitoring/grafana/dashboards/toolkit.json"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -261,12 +261,12 @@ def test_client_disconnect_mid_stream_frees_the_slot(tmp_path):
     with make_gateway(tmp_path, engine, max_concurrency=1, max_queue=0) as live:
         url = live.base_url
         long = {"messages": [{"role": "user", "content": "word " * 1000}], "stream": True}
-        with httpx.Client(timeout=10) as client:
-            with client.stream("POST", f"{url}/v1/chat/completions", json=long) as resp:
-                lines = resp.iter_lines()
-                assert next(lines).startswith("data: ")
-                assert next(l for l in lines if '"content"' in l)
-            # leaving the block closes the connection mid-stream
+        with (httpx.Client(timeout=10) as client,
+              client.stream("POST", f"{url}/v1/chat/completions", json=long) as resp):
+            lines = resp.iter_lines()
+            assert next(lines).startswith("data: ")
+            assert next(l for l in lines if '"content"' in l)
+        # leaving the block closes the connection mid-stream
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and engine.cancelled < 1:
             time.sleep(0.02)

@@ -164,12 +164,11 @@ def test_context_limit(tiny_gateway):
 def test_stream_disconnect_cancels_decoding(tiny_gateway):
     url = tiny_gateway.base_url
     scheduler = tiny_gateway.app.state.gateway.engine.scheduler
-    with httpx.Client(timeout=30) as client:
-        with client.stream("POST", f"{url}/v1/chat/completions", json={
-                "messages": [{"role": "user", "content": "go"}], "max_tokens": 900,
-                "temperature": 0, "stream": True}) as resp:
-            lines = resp.iter_lines()
-            next(lines)
+    request = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 900,
+               "temperature": 0, "stream": True}
+    with (httpx.Client(timeout=30) as client,
+          client.stream("POST", f"{url}/v1/chat/completions", json=request) as resp):
+        next(resp.iter_lines())
     import time
 
     deadline = time.monotonic() + 10

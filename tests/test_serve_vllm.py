@@ -258,9 +258,9 @@ def test_child_dies_past_max_restarts_serves_503(fake_env, tiny_model_dir):
 
 def test_child_that_cannot_start_is_reported(fake_env, monkeypatch, tiny_model_dir):
     monkeypatch.setenv("FAKE_VLLM_FAIL_START", "1")
-    with pytest.raises(RuntimeError, match="exited with code 3.*refuses to start"):
-        with live_gateway(tiny_model_dir, **FAKE):
-            pass
+    with (pytest.raises(RuntimeError, match="exited with code 3.*refuses to start"),
+          live_gateway(tiny_model_dir, **FAKE)):
+        pass
 
 
 def _real_vllm_python() -> str | None:

@@ -13,7 +13,12 @@ from prometheus_client import CollectorRegistry, start_http_server
 from tests.prometheus_helpers import free_port, running_prometheus, wait_for
 from toolkit.errors import ToolkitError
 from toolkit.monitoring.metrics import GatewayMetrics
-from toolkit.monitoring.snapshot import SnapshotError, format_range, parse_range, render_snapshot
+from toolkit.monitoring.snapshot import (
+    SnapshotError,
+    format_range,
+    parse_range,
+    render_snapshot,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 M, E = "tiny", "onnxruntime"

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any, Optional, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -85,7 +85,7 @@ def data_validate(path: Annotated[Path, typer.Argument(help="JSONL data file.")]
 @user_errors
 def data_stats(
     path: Annotated[Path, typer.Argument(help="JSONL data file.")],
-    model: Annotated[Optional[str], typer.Option(help="Model source for token lengths.")] = None,
+    model: Annotated[str | None, typer.Option(help="Model source for token lengths.")] = None,
 ) -> None:
     """Counts and percentages by language and category (and token lengths with --model)."""
     from toolkit.data.report import print_stats
@@ -100,9 +100,9 @@ def train(
     config: Annotated[Path, typer.Option(help="Training config YAML.")] = Path(
         "configs/model/training_config.yaml"
     ),
-    data: Annotated[Optional[Path], typer.Option(help="Training JSONL (overrides data.train).")] = None,
-    eval_data: Annotated[Optional[Path], typer.Option(help="Held-out JSONL (data.eval).")] = None,
-    output: Annotated[Optional[Path], typer.Option(help="Run folder (default runs/<config name>).")] = None,
+    data: Annotated[Path | None, typer.Option(help="Training JSONL (overrides data.train).")] = None,
+    eval_data: Annotated[Path | None, typer.Option(help="Held-out JSONL (data.eval).")] = None,
+    output: Annotated[Path | None, typer.Option(help="Run folder (default runs/<config name>).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the run's last checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder.")] = False,
 ) -> None:
@@ -125,9 +125,9 @@ def train(
 def export(
     source: Annotated[Path, typer.Argument(help="Training run folder (or a peft adapter folder).")],
     quantize: Annotated[list[str], typer.Option(help="Format, repeatable: merged, bnb-int8, bnb-nf4, gptq-int4, onnx, onnx-int8.")],
-    out: Annotated[Optional[Path], typer.Option(help="Parent folder of the exports (default RUN/exports).")] = None,
-    calibration: Annotated[Optional[Path], typer.Option(help="Calibration JSONL, our own FR/EN data (default: the run's training data, else data/train.jsonl).")] = None,
-    eval_data: Annotated[Optional[Path], typer.Option(help="Held-out JSONL for the quality report.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Parent folder of the exports (default RUN/exports).")] = None,
+    calibration: Annotated[Path | None, typer.Option(help="Calibration JSONL, our own FR/EN data (default: the run's training data, else data/train.jsonl).")] = None,
+    eval_data: Annotated[Path | None, typer.Option(help="Held-out JSONL for the quality report.")] = None,
     dtype: Annotated[str, typer.Option(help="Merged weights dtype: fp32, fp16 or bf16.")] = "fp16",
     overwrite: Annotated[bool, typer.Option(help="Replace existing export folders.")] = False,
 ) -> None:
@@ -152,18 +152,18 @@ def serve(
     engine: Annotated[str, typer.Option(help="auto, vllm, transformers or onnxruntime.")] = "auto",
     host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Bind port.")] = 8000,
-    api_key: Annotated[Optional[str], typer.Option(envvar="TOOLKIT_API_KEY", help="Require this bearer key.")] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="TOOLKIT_API_KEY", help="Require this bearer key.")] = None,
     max_concurrency: Annotated[int, typer.Option(help="Requests generating at once.")] = 8,
     max_queue: Annotated[int, typer.Option(help="Requests waiting beyond that; more get 429.")] = 64,
-    model_name: Annotated[Optional[str], typer.Option(help="Name clients use (default: folder name).")] = None,
+    model_name: Annotated[str | None, typer.Option(help="Name clients use (default: folder name).")] = None,
     record_completions: Annotated[bool, typer.Option(help="Store prompts and answers for feedback (off: medical content).")] = False,
-    feedback_db: Annotated[Optional[Path], typer.Option(help="SQLite feedback store (default $TOOLKIT_HOME/feedback.db).")] = None,
-    vllm_python: Annotated[Optional[Path], typer.Option(envvar="TOOLKIT_VLLM_PYTHON", help="Python of the venv holding vLLM.")] = None,
-    tensor_parallel_size: Annotated[Optional[int], typer.Option(help="vLLM tensor parallelism.")] = None,
-    pipeline_parallel_size: Annotated[Optional[int], typer.Option(help="vLLM pipeline parallelism.")] = None,
-    gpu_memory_utilization: Annotated[Optional[float], typer.Option(help="vLLM GPU memory share.")] = None,
-    max_model_len: Annotated[Optional[int], typer.Option(help="Context length limit.")] = None,
-    threads: Annotated[Optional[int], typer.Option(help="CPU threads for embedded engines.")] = None,
+    feedback_db: Annotated[Path | None, typer.Option(help="SQLite feedback store (default $TOOLKIT_HOME/feedback.db).")] = None,
+    vllm_python: Annotated[Path | None, typer.Option(envvar="TOOLKIT_VLLM_PYTHON", help="Python of the venv holding vLLM.")] = None,
+    tensor_parallel_size: Annotated[int | None, typer.Option(help="vLLM tensor parallelism.")] = None,
+    pipeline_parallel_size: Annotated[int | None, typer.Option(help="vLLM pipeline parallelism.")] = None,
+    gpu_memory_utilization: Annotated[float | None, typer.Option(help="vLLM GPU memory share.")] = None,
+    max_model_len: Annotated[int | None, typer.Option(help="Context length limit.")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for embedded engines.")] = None,
 ) -> None:
     """Serve a model behind an OpenAI-compatible gateway with Prometheus metrics.
 
@@ -192,7 +192,7 @@ def monitor_snapshot(
     dashboard: Annotated[Path, typer.Option(help="Grafana dashboard JSON.")] = Path(
         "monitoring/grafana/dashboards/toolkit.json"
     ),
-    var: Annotated[Optional[list[str]], typer.Option(help="Dashboard variable NAME=VALUE.")] = None,
+    var: Annotated[list[str] | None, typer.Option(help="Dashboard variable NAME=VALUE.")] = None,
 ) -> None:
     """Render the dashboard's panels from Prometheus into one PNG (no Grafana needed)."""
     from toolkit.monitoring.snapshot import parse_range, render_snapshot
@@ -224,8 +224,8 @@ def compare(
 def feedback_export(
     out: Annotated[Path, typer.Option(help="JSONL to write (training schema).")],
     min_rating: Annotated[float, typer.Option(help="Keep completions rated at least this (normalised 0..1 or raw).")] = 1,
-    since: Annotated[Optional[str], typer.Option(help="Only feedback from this date (YYYY-MM-DD).")] = None,
-    db: Annotated[Optional[Path], typer.Option(help="SQLite feedback store.")] = None,
+    since: Annotated[str | None, typer.Option(help="Only feedback from this date (YYYY-MM-DD).")] = None,
+    db: Annotated[Path | None, typer.Option(help="SQLite feedback store.")] = None,
 ) -> None:
     """Write rated completions (the correction when given) as training examples."""
     from toolkit.feedback import export_feedback

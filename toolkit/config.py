@@ -103,7 +103,7 @@ class TrainConfig(_Section):
     data: DataSection = Field(default_factory=DataSection)
 
     @model_validator(mode="after")
-    def _cross_field_checks(self) -> "TrainConfig":
+    def _cross_field_checks(self) -> TrainConfig:
         problems: list[str] = []
         if len(set(self.lora.target_modules)) != len(self.lora.target_modules):
             problems.append("lora.target_modules: duplicate names; list each module once")

@@ -7,7 +7,7 @@ backend itself: `importlib.util.find_spec` is enough to answer "is it installed"
 from __future__ import annotations
 
 import importlib.util
-from functools import lru_cache
+from functools import cache
 
 from toolkit.errors import MissingExtraError
 
@@ -23,7 +23,7 @@ EXTRA_FOR_MODULE: dict[str, str] = {
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def is_available(module: str) -> bool:
     """Return whether `module` can be imported, without importing it."""
     return importlib.util.find_spec(module) is not None

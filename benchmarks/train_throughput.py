@@ -19,7 +19,7 @@ its own. tokens/s counts non-pad tokens over training time only (evaluation excl
 The final eval loss is the answer-token loss on the held-out file, computed for both by
 `toolkit.train.evaluate.evaluate_split`.
 
-    .venv/bin/python benchmarks/train_throughput.py [--steps 2] [--threads 2] [--precision fp32]
+    .venv/bin/python benchmarks/train_throughput.py [--steps 2] [--threads 2] [--precision fp32] [--save]
 
 Target: toolkit >= 1.5x the baseline's tokens/s at equal (or lower) eval loss, with peak
 RSS no higher. Against `longest` the gain is bounded by that baseline's padding share plus
@@ -190,6 +190,8 @@ def main() -> None:
     parser.add_argument("--data", default=str(REPO_ROOT / "data/train.jsonl"))
     parser.add_argument("--eval-data", default=str(REPO_ROOT / "data/test.jsonl"))
     parser.add_argument("--steps", type=int, default=2, help="optimizer steps per variant")
+    parser.add_argument("--save", action="store_true",
+                        help="write benchmarks/results/train_throughput.json and the README table")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per variant")
     parser.add_argument("--max-seq-len", type=int, default=None)
     parser.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default=None,
@@ -234,6 +236,12 @@ def main() -> None:
               f"{rss:.2f}x (target <= 1.00x), eval loss {loss:+.4f} -> {verdict} the target")
         summary[name] = {"speedup": speedup, "rss_ratio": rss, "eval_loss_delta": loss}
     print(json.dumps({"results": results, "ratios": summary}))
+    if args.save:
+        from results import save
+
+        save("train_throughput", {"steps": args.steps, "threads": ours["threads"],
+                                  "config": Path(args.config).name},
+             [{"variant": name, **row} for name, row in results.items()])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,222 @@
+"""Benchmark results as files, so that no measured figure in the docs can go stale.
+
+Each benchmark saves what it measured as `benchmarks/results/NAME.json` (`save`), together with
+the machine and software it ran on: date, CPU model and its relevant ISA flags, commit and
+package versions. `benchmarks/RESULTS.md` and the blocks of the README between
+`<!-- results:NAME -->` and `<!-- /results:NAME -->` are rendered from those files only:
+
+    .venv/bin/python benchmarks/results.py           # re-render RESULTS.md and the README blocks
+    .venv/bin/python benchmarks/results.py --check   # exit 1 when either differs from the JSON
+
+`tests/test_benchmark_results.py` runs the same check, so a README edited by hand, or a result
+saved without re-rendering, fails the suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO / "benchmarks" / "results"
+RESULTS_MD = REPO / "benchmarks" / "RESULTS.md"
+README = REPO / "README.md"
+#: the ISA features that change which CPU kernels torch/oneDNN/ONNX Runtime run
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+PACKAGES = ("torch", "transformers", "peft", "onnxruntime", "bitsandbytes", "gptqmodel")
+BLOCK = re.compile(r"(<!-- results:(?P<name>[a-z_]+) -->\n)(?P<body>.*?)(<!-- /results:(?P=name) -->)",
+                   re.DOTALL)
+
+
+def environment() -> dict[str, Any]:
+    """Where a result was measured: enough to tell whether two results are comparable."""
+    model, flags = "unknown", set()
+    with_cpuinfo = Path("/proc/cpuinfo")
+    if with_cpuinfo.is_file():
+        for line in with_cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model == "unknown":
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                            text=True, check=False).stdout.strip() or "unknown"
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"),
+        "cpu": model,
+        "cpu_count": os.cpu_count(),
+        # other work on the same cores slows every speed figure: say how busy they were
+        "load_avg_1m": round(os.getloadavg()[0], 1),
+        "isa": [flag for flag in ISA_FLAGS if flag in flags],
+        "commit": commit,
+        "python": platform.python_version(),
+        "packages": versions,
+    }
+
+
+def save(name: str, settings: dict[str, Any], rows: list[dict[str, Any]],
+         results_dir: Path = RESULTS_DIR) -> Path:
+    """Write one benchmark's rows with its settings and environment, then re-render the docs."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / f"{name}.json"
+    payload = {"benchmark": name, "environment": environment(), "settings": settings, "rows": rows}
+    path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    if results_dir == RESULTS_DIR:
+        write_all()
+    print(f"results: saved {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
+    return path
+
+
+def _num(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.1f} %"
+
+
+def render_export_quality(data: dict[str, Any]) -> str:
+    """The export table: size, perplexity (fr/en), delta against the merged model, speed."""
+    lines = ["| format | MB | vs fp16 | ppl | fr | en | Δ ppl | Δ fr | Δ en | target | tok/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in data["rows"]:
+        if row.get("status") not in ("ok", "exported", "reused"):
+            lines.append(f"| {row['format']} | - | - | - | - | - | - | - | - | "
+                         f"{row.get('status')}: {row.get('reason', '')} | - |")
+            continue
+        ppl, delta = row["perplexity"], row["delta_pct"]
+        lines.append(
+            f"| {row['format']} | {_num(row['weights_bytes'] / 1e6, '.0f')} | "
+            f"{row['size_ratio']:.0%} | {_num(ppl['overall'], '.2f')} | {_num(ppl['fr'], '.2f')} | "
+            f"{_num(ppl['en'], '.2f')} | {_pct(delta['overall'])} | {_pct(delta['fr'])} | "
+            f"{_pct(delta['en'])} | {row['delta_target']} | {_num(row['tokens_per_s'], '.1f')} |")
+    settings = data["settings"]
+    lines.append("")
+    lines.append(f"Run `{settings['run']}`, {settings['threads']} thread(s), batch-1 greedy; "
+                 f"target: Δ ppl <= +2 % (int8), <= +10 % (4-bit).")
+    return "\n".join(lines)
+
+
+def render_train_throughput(data: dict[str, Any]) -> str:
+    """Toolkit's trainer against the plain Trainer + peft baselines: tokens/s, RSS, loss."""
+    lines = ["| variant | precision | tokens/s | peak RSS GiB | held-out loss | vs toolkit |",
+             "|---|---|---|---|---|---|"]
+    rows = {row["variant"]: row for row in data["rows"]}
+    ours = rows["toolkit"]
+    for name, row in rows.items():
+        ratio = "-" if name == "toolkit" else f"{ours['tokens_per_s'] / row['tokens_per_s']:.2f}x"
+        lines.append(f"| {name} | {row['precision']} | {row['tokens_per_s']:.0f} | "
+                     f"{row['peak_rss_bytes'] / 2**30:.2f} | {row['eval_loss']:.4f} | {ratio} |")
+    settings = data["settings"]
+    lines.append("")
+    lines.append(f"{settings['steps']} optimizer steps per variant, {settings['threads']} torch "
+                 f"thread(s); target: toolkit >= 1.5x tokens/s at no higher RSS or loss.")
+    return "\n".join(lines)
+
+
+RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
+    "export_quality": render_export_quality,
+    "train_throughput": render_train_throughput,
+}
+
+
+def load(name: str, results_dir: Path = RESULTS_DIR) -> dict[str, Any]:
+    return json.loads((results_dir / f"{name}.json").read_text(encoding="utf-8"))
+
+
+def provenance(data: dict[str, Any]) -> str:
+    """One line naming where and when a result was measured."""
+    env = data["environment"]
+    packages = ", ".join(f"{k} {v}" for k, v in env["packages"].items())
+    return (f"_Measured {env['date']} at commit {env['commit']} on {env['cpu']} "
+            f"({env['cpu_count']} cores; {' '.join(env['isa']) or 'no AVX2'}; load average "
+            f"{env['load_avg_1m']} when saved), Python {env['python']}, {packages}. "
+            f"Source: `benchmarks/results/{data['benchmark']}.json`._")
+
+
+def render_block(name: str, results_dir: Path = RESULTS_DIR) -> str:
+    """What stands between a README's markers for `name`: the table and its provenance."""
+    data = load(name, results_dir)
+    return f"{RENDERERS[name](data)}\n\n{provenance(data)}\n"
+
+
+def render_results_md(results_dir: Path = RESULTS_DIR) -> str:
+    """The whole `benchmarks/RESULTS.md`: one section per saved result."""
+    parts = ["# Benchmark results", "",
+             "Generated by `benchmarks/results.py` from `benchmarks/results/*.json`; do not edit.", ""]
+    for path in sorted(results_dir.glob("*.json")):
+        name = path.stem
+        if name in RENDERERS:
+            parts += [f"## {name}", "", render_block(name, results_dir)]
+    return "\n".join(parts)
+
+
+def render_readme(text: str, results_dir: Path = RESULTS_DIR) -> str:
+    """`text` with every results block that has a JSON file re-rendered from it."""
+    def render(match: re.Match[str]) -> str:
+        if not (results_dir / f"{match.group('name')}.json").is_file():
+            return match.group(0)
+        return match.group(1) + render_block(match.group("name"), results_dir) + match.group(4)
+
+    return BLOCK.sub(render, text)
+
+
+def stale(readme: Path = README, results_md: Path = RESULTS_MD,
+          results_dir: Path = RESULTS_DIR) -> list[str]:
+    """The generated files that differ from what the JSON results render to."""
+    problems = []
+    text = readme.read_text(encoding="utf-8")
+    names = [match.group("name") for match in BLOCK.finditer(text)]
+    if not names:
+        problems.append(f"{readme.name} has no results block")
+    problems += [f"benchmarks/results/{name}.json (missing)" for name in names
+                 if not (results_dir / f"{name}.json").is_file()]
+    if problems:
+        return problems
+    if render_readme(text, results_dir) != text:
+        problems.append(f"{readme.name}'s results blocks")
+    if not results_md.is_file() or results_md.read_text(encoding="utf-8") != render_results_md(results_dir):
+        problems.append(results_md.name)
+    return problems
+
+
+def write_all() -> None:
+    """Re-render RESULTS.md and the README blocks from the JSON files."""
+    RESULTS_MD.write_text(render_results_md(), encoding="utf-8")
+    README.write_text(render_readme(README.read_text(encoding="utf-8")), encoding="utf-8")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="only check; exit 1 when stale")
+    args = parser.parse_args()
+    if args.check:
+        problems = stale()
+        if problems:
+            print(f"results: out of date: {', '.join(problems)}; run "
+                  f"`.venv/bin/python benchmarks/results.py`", file=sys.stderr)
+            return 1
+        return 0
+    write_all()
+    print(f"results: rendered {RESULTS_MD.relative_to(REPO)} and the README blocks")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

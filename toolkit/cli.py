@@ -173,7 +173,8 @@ def serve(
     from toolkit.serve import ServeSettings, run_server
 
     settings = ServeSettings(
-        model=model, engine=engine, host=host, port=port, api_key=api_key, api_key_file=api_key_file,
+        model=model, engine=engine, host=host, port=port, api_key=api_key,
+        api_key_file=api_key_file,
         max_concurrency=max_concurrency, max_queue=max_queue, model_name=model_name,
         record_completions=record_completions, feedback_db=feedback_db,
         vllm_python=vllm_python, tensor_parallel_size=tensor_parallel_size,

@@ -46,8 +46,11 @@ def pid_alive(pid: int) -> bool:
 
 @cache
 def _prctl() -> Callable[..., int] | None:
-    """libc's `prctl` on Linux, else None; loaded in the parent, since a forked child of a
-    threaded process must not import (the import lock may be held by a thread it lost)."""
+    """libc's `prctl` on Linux, else None.
+
+    Loaded in the parent: a forked child of a threaded process must not import (the import
+    lock may be held by a thread that did not survive the fork).
+    """
     if not sys.platform.startswith("linux"):
         return None
     import ctypes
@@ -96,8 +99,11 @@ def kill_group(pid: int, sig: int = signal.SIGKILL) -> None:
 
 
 def run_child(command: list[str], **kwargs: Any) -> subprocess.CompletedProcess:
-    """`subprocess.run` for a long child: own session, bound to this process, group killed
-    on any exception here (Ctrl-C, SIGTERM turned into KeyboardInterrupt).
+    """`subprocess.run` for a child that must not outlive this process.
+
+    The child gets its own session and dies with this process (`child_preexec`); on any
+    exception while waiting (Ctrl-C, SIGTERM turned into KeyboardInterrupt) its whole
+    process group is killed, not only the child as `subprocess.run` would.
 
     Args:
         command: the argv.

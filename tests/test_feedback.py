@@ -114,10 +114,37 @@ def test_without_recording_only_ids_and_ratings_are_kept(tmp_path):
     store = FeedbackStore(db)
     row = store._conn.execute("SELECT * FROM completions WHERE id = ?", (cid,)).fetchone()
     assert row["prompt"] is None and row["answer"] is None
-    assert json.loads(row["metadata"]) == {"category": "incident"}
+    assert row["metadata"] is None  # free client text: stored only with --record-completions
     (fb,) = store.feedback_rows()
     assert fb["comment"] is None and fb["correction"] is None and fb["rating"] == 1
     assert store.rated_completions(min_score01=0) == []
+
+
+def test_metadata_is_stored_with_recording(tmp_path):
+    db = tmp_path / "fb.db"
+    with gateway_on(db, record=True) as live:
+        cid = chat(live.base_url, "protocol", metadata={"category": "incident"})["id"]
+    row = FeedbackStore(db)._conn.execute("SELECT metadata FROM completions WHERE id = ?",
+                                          (cid,)).fetchone()
+    assert json.loads(row["metadata"]) == {"category": "incident"}
+
+
+def test_store_files_are_owner_only(tmp_path):
+    db = tmp_path / "fb.db"
+    store = FeedbackStore(db)
+    store.record_completion("chatcmpl-1", "m", metadata={"k": "v"})
+    for name in ("fb.db", "fb.db-wal", "fb.db-shm"):
+        assert (tmp_path / name).exists(), name
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o600, name
+    store.close()
+
+
+def test_older_loose_store_is_tightened(tmp_path):
+    db = tmp_path / "fb.db"
+    FeedbackStore(db).close()
+    db.chmod(0o644)
+    FeedbackStore(db).close()
+    assert db.stat().st_mode & 0o777 == 0o600
 
 
 def test_persists_across_restart(tmp_path):

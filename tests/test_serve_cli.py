@@ -105,3 +105,53 @@ def test_sigterm_finishes_in_flight_stream_then_exits(tiny_model_dir, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_empty_api_key_is_a_one_line_error(tiny_model_dir):
+    result = CliRunner().invoke(app, ["serve", str(tiny_model_dir), "--api-key", ""])
+    assert result.exit_code == 2
+    assert "--api-key" in result.output and len(result.output.strip().splitlines()) == 1
+    with pytest.raises(ConfigError, match="api_key"):
+        ServeSettings(model="m", api_key="  ")
+
+
+def test_api_key_from_file_or_env(tmp_path, monkeypatch):
+    key_file = tmp_path / "key"
+    key_file.write_text("s3cret\n")
+    assert ServeSettings(model="m", api_key_file=key_file).api_key == "s3cret"
+    seen = {}
+    monkeypatch.setattr("toolkit.serve.run_server", lambda settings: seen.update(key=settings.api_key))
+    runner = CliRunner()
+    result = runner.invoke(app, ["serve", "m", "--api-key-file", str(key_file)])
+    assert result.exit_code == 0 and seen["key"] == "s3cret"
+    result = runner.invoke(app, ["serve", "m"], env={"TOOLKIT_API_KEY": "from-env"})
+    assert result.exit_code == 0 and seen["key"] == "from-env"
+
+
+@pytest.mark.parametrize("content, problem", [("\n", "is empty"), (None, "cannot read")])
+def test_bad_api_key_file_names_the_option(tmp_path, content, problem):
+    key_file = tmp_path / "key"
+    if content is not None:
+        key_file.write_text(content)
+    result = CliRunner().invoke(app, ["serve", "m", "--api-key-file", str(key_file)])
+    assert result.exit_code == 2 and "api_key_file" in result.output and problem in result.output
+
+
+def test_api_key_given_twice_is_an_error(tmp_path):
+    key_file = tmp_path / "key"
+    key_file.write_text("a")
+    with pytest.raises(ConfigError, match="api_key_file: give the key once"):
+        ServeSettings(model="m", api_key="b", api_key_file=key_file)
+
+
+@pytest.mark.parametrize("host, key, warns", [
+    ("0.0.0.0", None, True), ("::", None, True), ("gateway.example", None, True),
+    ("0.0.0.0", "k", False), ("127.0.0.1", None, False), ("::1", None, False),
+    ("localhost", None, False),
+])
+def test_open_bind_without_key_warns(caplog, host, key, warns):
+    from toolkit.serve.server import warn_if_open
+
+    with caplog.at_level("WARNING", logger="toolkit.serve"):
+        assert warn_if_open(ServeSettings(model="m", host=host, api_key=key)) is warns
+    assert ("no API key" in caplog.text) is warns

@@ -145,14 +145,28 @@ def test_interrupted_run_resumes_from_its_checkpoint(
     assert manifest["resumed_from_step"] == 4 and manifest["steps"] == 8
     assert [e["step"] for e in manifest["metrics"]["epochs"]] == [4, 8]
     assert manifest["metrics"]["before"]["loss"] > manifest["metrics"]["after"]["loss"]
-    assert manifest["train_tokens"] < 2 * resumed.manifest["data"]["train"]["tokens"]
+    # the whole run's tokens and time, not this invocation's: 2 epochs, the step of epoch 2
+    # lost to the interruption counted once
+    epochs = manifest["metrics"]["epochs"]
+    assert epochs[0]["train_tokens"] > 0
+    assert manifest["train_tokens"] == epochs[1]["train_tokens"] == 2 * epochs[0]["train_tokens"]
+    assert manifest["train_time_s"] >= epochs[1]["train_time_s"] > epochs[0]["train_time_s"] > 0
+    assert manifest["tokens_per_s"] == pytest.approx(manifest["train_tokens"] / manifest["train_time_s"], rel=0.02)
     assert not work.exists() and (target / "checkpoints" / "checkpoint-8").is_dir()
+
+    # resuming the finished run with nothing left to train keeps it as it is
+    before = (target / "manifest.json").read_text()
+    again = run_training(cfg, target, resume=True)
+    assert (target / "manifest.json").read_text() == before
+    assert again.manifest == json.loads(before) and again.manifest["train_tokens"] > 0
+    assert not work.exists()
 
     # a finished run continues too: one more epoch, and the old run stays until the end
     cfg.training.epochs = 3
     more = run_training(cfg, target, resume=True)
     assert more.manifest["resumed_from_step"] == 8 and more.manifest["steps"] == 12
     assert [e["step"] for e in more.manifest["metrics"]["epochs"]] == [4, 8, 12]
+    assert more.manifest["train_tokens"] == 3 * epochs[0]["train_tokens"]
     assert more.manifest["metrics"]["before"] == manifest["metrics"]["before"]
 
 

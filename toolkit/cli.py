@@ -153,6 +153,7 @@ def serve(
     host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Bind port.")] = 8000,
     api_key: Annotated[str | None, typer.Option(envvar="TOOLKIT_API_KEY", help="Require this bearer key.")] = None,
+    api_key_file: Annotated[Path | None, typer.Option(help="Read the bearer key from this file (keeps it out of `ps`).")] = None,
     max_concurrency: Annotated[int, typer.Option(help="Requests generating at once.")] = 8,
     max_queue: Annotated[int, typer.Option(help="Requests waiting beyond that; more get 429.")] = 64,
     model_name: Annotated[str | None, typer.Option(help="Name clients use (default: folder name).")] = None,
@@ -173,6 +174,7 @@ def serve(
 
     settings = ServeSettings(
         model=model, engine=engine, host=host, port=port, api_key=api_key,
+        api_key_file=api_key_file,
         max_concurrency=max_concurrency, max_queue=max_queue, model_name=model_name,
         record_completions=record_completions, feedback_db=feedback_db,
         vllm_python=vllm_python, tensor_parallel_size=tensor_parallel_size,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import shutil
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
@@ -22,12 +23,15 @@ from toolkit.compare.scoring import VariantScore, score_variant
 from toolkit.config import DataSection
 from toolkit.data.schema import load_examples
 from toolkit.errors import ToolkitError
+from toolkit.processes import bind_to_parent
 
 
 def _score_in_child(spec: str, data: Path, system_prompt: str, max_new_tokens: int,
                     threads: int) -> VariantScore:
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+    # same process group as ours (Ctrl-C reaches it), but dies with us on a SIGKILL
+    with ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=bind_to_parent,
+                             initargs=(os.getpid(),)) as pool:
         return pool.submit(score_variant, spec, data, system_prompt, max_new_tokens,
                            threads).result()
 

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from toolkit.errors import ToolkitError
+from toolkit.processes import pid_alive
 
 PARTIAL_MARK = ".partial-"
 BACKUP_MARK = ".replaced-"
@@ -39,16 +40,6 @@ def refuse_existing(target: Path, overwrite: bool) -> None:
         )
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def clean_stale(parent: Path) -> list[Path]:
     """Remove temporary and backup folders of dead export processes under `parent`."""
     removed: list[Path] = []
@@ -58,7 +49,7 @@ def clean_stale(parent: Path) -> list[Path]:
         for mark in (PARTIAL_MARK, BACKUP_MARK):
             if item.name.startswith(".") and mark in item.name:
                 pid_text = item.name.split(mark, 1)[1].split("-", 1)[0]
-                if pid_text.isdigit() and not _pid_alive(int(pid_text)):
+                if pid_text.isdigit() and not pid_alive(int(pid_text)):
                     if mark == BACKUP_MARK:
                         _restore_orphan_backup(item, mark)
                     else:

@@ -19,7 +19,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,10 +26,13 @@ from typing import Any
 
 from toolkit.errors import MissingExtraError, ModelSourceError, ToolkitError
 from toolkit.export.onnx_runtime import ONNX_FILE
+from toolkit.processes import owned_tempdir, run_child
 
 ONNX_PYTHON_ENV = "TOOLKIT_ONNX_PYTHON"
 SETUP_COMMAND = "bash scripts/setup-onnx-venv.sh"
 EXPORT_TASK = "text-generation-with-past"
+#: the transformers-4.x view of the model (`/tmp/toolkit-onnx-<pid>-*`, see toolkit.processes)
+TEMP_PREFIX = "toolkit-onnx-"
 ONNX_DATA_FILE = ONNX_FILE + "_data"
 #: copied from the source folder as they are: the ORIGINAL config (transformers 5 fields), the
 #: tokenizer, its chat template and the generation defaults, which serving reads
@@ -117,7 +119,9 @@ def export_onnx(model_dir: Path, out_dir: Path, *, onnx_python: Path | None = No
 
     Weights always go to the external data file (`FORCE_ONNX_EXTERNAL_DATA=1`), so models over
     the 2 GB protobuf limit export the same way as small ones. The folder is built beside
-    `out_dir` and swapped in at the end: a failed run never leaves a half-written export.
+    `out_dir` and swapped in at the end: a failed run never leaves a half-written export. The
+    exporter child dies with this process, even a SIGKILLed one, and the temporary folder of a
+    killed run is removed by the next (`toolkit.processes`).
 
     Args:
         model_dir: a merged (no adapter) HF model folder with its tokenizer.
@@ -133,7 +137,7 @@ def export_onnx(model_dir: Path, out_dir: Path, *, onnx_python: Path | None = No
     """
     python = resolve_onnx_python(onnx_python)
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    with _staged(out_dir) as stage, tempfile.TemporaryDirectory(prefix="toolkit-onnx-") as view:
+    with _staged(out_dir) as stage, owned_tempdir(TEMP_PREFIX) as view:
         rope = write_compat_view(model_dir, Path(view))
         _run_exporter(python, Path(view), stage / ".optimum")
         for name in (ONNX_FILE, ONNX_DATA_FILE):
@@ -192,7 +196,8 @@ def _run_exporter(python: Path, view_dir: Path, raw_dir: Path) -> None:
         "--model", str(view_dir), "--task", EXPORT_TASK, str(raw_dir),
     ]
     env = {**os.environ, "FORCE_ONNX_EXTERNAL_DATA": "1", "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    # minutes at full CPU and GBs of memory: it must not outlive a killed export
+    done = run_child(command, env=env, capture_output=True, text=True)
     if done.returncode == 0 and (raw_dir / ONNX_FILE).is_file():
         return
     lines = [line for line in done.stderr.splitlines() if line.strip()]

@@ -4,14 +4,17 @@ SQLite in WAL mode (readers never block the writer; a crash loses no committed r
 connection guarded by a lock, so the gateway's worker threads can share one store.
 
 Privacy: the gateway serves medical content. A completion's prompt and answer are stored only
-when the server runs with `--record-completions`; otherwise a completion row holds only its id,
-model, time and request metadata (e.g. `{"category": "protocol"}`), and feedback on it keeps
-only the rating and ids: a comment or correction, being free text, is dropped too.
+when the server runs with `--record-completions`, and so is the request metadata (e.g.
+`{"category": "protocol"}`: free text a client may fill with patient details); otherwise a
+completion row holds only its id, model and time, and feedback on it keeps only the rating and
+ids: a comment or correction, being free text, is dropped too. The database and its WAL/shared
+memory files are readable by their owner only (0600).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -73,6 +76,18 @@ class FeedbackResult:
     text_stored: bool
 
 
+def _owner_only(path: Path) -> None:
+    """Create the database 0600, or tighten an older one, before SQLite opens it.
+
+    SQLite gives the -wal and -shm files it creates the database file's permissions, so
+    fixing the main file covers them; ones left by an earlier, looser run are tightened too.
+    """
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    for item in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        if item.exists() and item.stat().st_mode & 0o077:
+            item.chmod(0o600)
+
+
 class FeedbackStore:
     """Thread-safe SQLite store of completions and feedback.
 
@@ -83,6 +98,7 @@ class FeedbackStore:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        _owner_only(self.path)
         self._lock = threading.RLock()
         self._conn = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30.0,
                                      isolation_level=None)

@@ -57,13 +57,17 @@ class Gateway:
 
     async def record(self, completion_id: str, endpoint: str, created: int,
                      metadata: dict[str, str] | None, prompt: Any, answer: str) -> None:
-        """Store the completion id (and its text when `record_completions` is on)."""
+        """Store the completion id (and its text and metadata when `record_completions` is on).
+
+        Request metadata is free-form client text, as likely to carry patient details as the
+        prompt, so it follows the same switch.
+        """
         keep = self.settings.record_completions
         try:
             await asyncio.to_thread(
                 self.store.record_completion, completion_id, self.info.model_name, endpoint,
-                created=float(created), metadata=metadata, prompt=prompt if keep else None,
-                answer=answer if keep else None,
+                created=float(created), metadata=metadata if keep else None,
+                prompt=prompt if keep else None, answer=answer if keep else None,
             )
         except Exception:  # a full disk must not fail the answer the client already has
             log.exception("could not record completion %s", completion_id)

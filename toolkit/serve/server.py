@@ -8,6 +8,7 @@ uvicorn stops accepting connections and lets in-flight requests finish for up to
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import signal
 import socket
@@ -85,6 +86,33 @@ def make_server(app: Any, settings: ServeSettings, log_level: str = "info") -> A
     return _Server(config)
 
 
+def warn_if_open(settings: ServeSettings) -> bool:
+    """Warn when the gateway listens beyond this machine without an API key.
+
+    Serving the network without a key is sometimes meant (a private subnet, a proxy that
+    authenticates), so it is allowed, but never silently: anyone who can reach the port can
+    query the model and rate its answers.
+
+    Returns:
+        Whether it warned.
+    """
+    if settings.api_key or _is_loopback(settings.host):
+        return False
+    log.warning("--host %s listens beyond this machine and no API key is set: anyone who can "
+                "reach port %s can use the model; pass --api-key-file or $TOOLKIT_API_KEY",
+                settings.host, settings.port)
+    return True
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
+
+
 def run_server(settings: ServeSettings) -> None:
     """Serve until SIGTERM/SIGINT.
 
@@ -92,6 +120,7 @@ def run_server(settings: ServeSettings) -> None:
         ToolkitError: the engine failed to start (the message says why).
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    warn_if_open(settings)
     app = build_gateway(settings)
     server = make_server(app, settings)
     # an engine that cannot start ends the server, so `toolkit serve` exits non-zero

@@ -35,6 +35,11 @@ class ServeSettings(BaseModel):
     api_key: str | None = Field(
         default=None, description="Bearer key required on /v1/*; /health and /metrics stay open."
     )
+    api_key_file: Path | None = Field(
+        default=None,
+        description="File holding the bearer key (stripped), so it shows neither in `ps` nor in "
+        "the shell history; read into api_key.",
+    )
     max_concurrency: int = Field(default=8, ge=1, description="Requests generating at once.")
     max_queue: int = Field(
         default=64, ge=0, description="Requests waiting for a slot; beyond that they get 429."
@@ -96,7 +101,7 @@ class ServeSettings(BaseModel):
 
     @model_validator(mode="after")
     def _cross_field(self) -> ServeSettings:
-        problems = []
+        problems = self._resolve_api_key()
         if not self.model.strip():
             problems.append("model: pass an export folder, model folder, run or model source")
         if self.engine_args and self.engine == EngineChoice.transformers:
@@ -106,6 +111,26 @@ class ServeSettings(BaseModel):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _resolve_api_key(self) -> list[str]:
+        """Read `api_key_file` into `api_key`; an empty key is an error, never "auth off"."""
+        if self.api_key_file is None:
+            if self.api_key is not None and not self.api_key.strip():
+                return [("api_key: an empty --api-key would turn authentication off; pass a "
+                         "non-empty key, or leave the option out to serve without one")]
+            return []
+        if self.api_key is not None:
+            return [("api_key_file: give the key once, either --api-key/$TOOLKIT_API_KEY or "
+                     "--api-key-file")]
+        try:
+            key = self.api_key_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            return [(f"api_key_file: cannot read {self.api_key_file} ({exc}); pass a readable "
+                     "text file holding the key")]
+        if not key:
+            return [f"api_key_file: {self.api_key_file} is empty; write the key into it"]
+        self.api_key = key
+        return []
 
     @property
     def engine_threads(self) -> int:

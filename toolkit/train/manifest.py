@@ -22,16 +22,22 @@ Schema (version 1; every key is always present, `null` where it does not apply):
     world_size         int (processes that trained)
     packing            bool
     metrics            {before: Perplexity.to_dict() | null,
-                        epochs: [{epoch, step, train_loss, eval: Perplexity dict | null}],
+                        epochs: [{epoch, step, train_loss, eval: Perplexity dict | null,
+                                  train_tokens, train_time_s (whole run up to this epoch)}],
                         after: Perplexity dict | null}
     truncated_examples int (train + eval examples cut at max_seq_len)
     steps              optimizer steps done (cumulative over resumes)
     resumed_from_step  int | null
-    train_tokens       non-pad tokens trained in this invocation (all processes)
+    train_tokens       non-pad tokens trained by the whole run (all processes, every
+                       invocation up to its last checkpoint: work redone after a resume
+                       counts once)
     (data.*.truncated counts each split; truncated_examples is train + eval)
     wall_time_s        this invocation, start to end (model load and evaluations included)
-    train_time_s       the training loop only
+    train_time_s       the training loop only, whole run (same accounting as train_tokens)
     tokens_per_s       train_tokens / train_time_s
+
+`--resume` of a finished run with nothing left to train (same epochs/max_steps) changes
+nothing: the run and this manifest stay as they are.
     peak_memory_bytes  ru_maxrss (CPU, max over processes) or torch.cuda.max_memory_allocated
     trainable_params, total_params
 """

@@ -25,6 +25,7 @@ from toolkit.train.manifest import (
     ADAPTER_DIR,
     CHECKPOINT_DIR,
     package_versions,
+    read_manifest,
     sha256_file,
     utc_now,
     write_manifest,
@@ -339,7 +340,8 @@ def _train(cfg: TrainConfig, plan: out.OutputPlan, args: Any, hardware: Any, res
         say(f"resuming from {plan.checkpoint} (step {resumed_step})")
     meter = TokenMeter()
     evaluator = EvalCallback(eval_split.examples if eval_split else [], progress, persist,
-                             args.process_index, world_size, hardware.autocast)
+                             args.process_index, world_size, hardware.autocast,
+                             count_tokens=lambda: _reduce(meter.tokens, "sum"))
     callbacks: list[Any] = [evaluator]
     if main:
         callbacks.append(BarCallback(meter, evaluator, world_size))
@@ -351,15 +353,16 @@ def _train(cfg: TrainConfig, plan: out.OutputPlan, args: Any, hardware: Any, res
     quiet_trainer_output(trainer)
     stage["training"] = True
     trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint else None)
+    if plan.mode == "copy" and trainer.state.global_step == resumed_step:
+        return _keep_finished_run(plan, resumed_step, say, world_size)
 
-    train_seconds = evaluator.train_seconds
+    tokens, train_seconds = evaluator.run_totals()
     last = progress.epochs[-1] if progress.epochs else None
     if last is not None and last["step"] == trainer.state.global_step and (
             last["eval"] is not None or not evaluator.examples):
         after = last["eval"]
     else:
         after = evaluator.evaluate(trainer.model)
-    tokens = _reduce(meter.tokens, "sum")
     peak = _reduce(_peak_memory_bytes(hardware.cuda), "max")
     trainer.save_model(str(plan.work / ADAPTER_DIR))  # every rank: collective under FSDP/ZeRO-3
     if main:  # a pickle of TrainingArguments: not part of an adapter
@@ -405,13 +408,33 @@ def _train(cfg: TrainConfig, plan: out.OutputPlan, args: Any, hardware: Any, res
         write_manifest(plan.work, manifest)
         out.finalize(plan)
         print_summary(console, manifest, str(plan.target))
+    _end_processes(world_size)
+    return TrainResult(plan.target, manifest)
+
+
+def _keep_finished_run(plan: out.OutputPlan, step: int, say: Any, world_size: int) -> TrainResult:
+    """`--resume` of a run that has nothing left to train: drop the copy, keep the run.
+
+    Rewriting the manifest would replace its numbers with those of an invocation that
+    trained nothing (0 tokens, 0 tok/s).
+    """
+    if _is_main_process():
+        out.discard(plan)
+        say(f"{plan.target}: already finished at step {step}; "
+            "nothing to resume, the run is unchanged (raise training.epochs or max_steps to "
+            "train further)")
+    _end_processes(world_size)
+    return TrainResult(plan.target, read_manifest(plan.target))
+
+
+def _end_processes(world_size: int) -> None:
+    """Wait for every process, then leave the process group of a multi-process run."""
     _barrier()
     if world_size > 1:
         import torch.distributed as dist
 
         if dist.is_initialized():
             dist.destroy_process_group()
-    return TrainResult(plan.target, manifest)
 
 
 def _data_entry(split: Any) -> dict[str, Any]:

@@ -125,13 +125,24 @@ class EvalCallback(TrainerCallback):
     """Held-out evaluation before training and at each epoch end; times train vs eval.
 
     Evaluation runs inside `autocast` (training's autocast region), so the model computes
-    as it trains whether or not accelerate has wrapped its forward.
+    as it trains whether or not accelerate has wrapped its forward. Each epoch record also
+    carries the tokens and training seconds of the whole run so far: a resumed run starts
+    from those of the checkpoint it continues (the epoch record at that step), so its
+    manifest reports the whole run, with the work lost after that checkpoint counted once.
+
+    Args:
+        count_tokens: tokens trained by this invocation, all processes (a collective call).
     """
 
     def __init__(self, examples: Sequence[EncodedExample], progress: RunProgress,
                  persist: Callable[[RunProgress], None], rank: int, world_size: int,
-                 autocast: Callable[[], AbstractContextManager[Any]]) -> None:
+                 autocast: Callable[[], AbstractContextManager[Any]],
+                 count_tokens: Callable[[], int]) -> None:
         self.examples = examples
+        self.count_tokens = count_tokens
+        resumed = progress.epochs[-1] if progress.epochs else {}
+        self.prior_tokens = int(resumed.get("train_tokens", 0))
+        self.prior_seconds = float(resumed.get("train_time_s", 0.0))
         self.autocast = autocast
         self.progress = progress
         self.persist = persist
@@ -165,11 +176,14 @@ class EvalCallback(TrainerCallback):
             self.losses.append(float(logs["loss"]))
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        tokens, seconds = self.run_totals()
         record = {
             "epoch": round(float(state.epoch or 0.0), 3),
             "step": int(state.global_step),
             "train_loss": sum(self.losses) / len(self.losses) if self.losses else None,
             "eval": self.evaluate(kwargs["model"]),
+            "train_tokens": tokens,
+            "train_time_s": round(seconds, 3),
         }
         self.losses = []
         self.progress.epochs = [e for e in self.progress.epochs if e["step"] != record["step"]]
@@ -186,6 +200,10 @@ class EvalCallback(TrainerCallback):
             return 0.0
         end = self.train_ended or time.perf_counter()
         return max(end - self.train_started - self.eval_seconds, 1e-9)
+
+    def run_totals(self) -> tuple[int, float]:
+        """Tokens and training seconds of the whole run: the resumed checkpoint's, plus ours."""
+        return self.prior_tokens + self.count_tokens(), self.prior_seconds + self.train_seconds
 
 
 class BarCallback(TrainerCallback):

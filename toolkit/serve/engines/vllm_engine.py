@@ -13,11 +13,8 @@ import asyncio
 import collections
 import contextlib
 import logging
-import os
 import signal
 import socket
-import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -25,6 +22,7 @@ from typing import Any, Literal
 import httpx
 
 from toolkit.errors import ToolkitError
+from toolkit.processes import child_preexec, kill_group, owned_tempdir
 from toolkit.serve.engines.base import EngineInfo
 
 log = logging.getLogger("toolkit.serve")
@@ -41,16 +39,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    """Linux: the child gets SIGTERM if the gateway dies without stopping it."""
-    os.setsid()
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 class VllmEngine:
@@ -89,7 +77,7 @@ class VllmEngine:
         self._stopping = False
         self._ready = False
         self._client: httpx.AsyncClient | None = None
-        self._tmp = tempfile.TemporaryDirectory(prefix="toolkit-vllm-")
+        self._tmp = owned_tempdir("toolkit-vllm-")
 
     @property
     def command(self) -> list[str]:
@@ -122,7 +110,8 @@ class VllmEngine:
         log.info("starting vLLM: %s", " ".join(command))
         self._proc = await asyncio.create_subprocess_exec(
             *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-            stdin=asyncio.subprocess.DEVNULL, env=self._env, preexec_fn=_die_with_parent,
+            stdin=asyncio.subprocess.DEVNULL, env=self._env,
+            preexec_fn=child_preexec(signal.SIGTERM),  # SIGTERM: vLLM stops its own workers
         )
         self._tasks.append(asyncio.create_task(self._pump(self._proc), name="vllm-log"))
         await self._wait_healthy(self._proc)
@@ -205,8 +194,7 @@ class VllmEngine:
 
     async def _kill(self, proc: asyncio.subprocess.Process) -> None:
         for sig, wait_s in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, 5.0)):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, sig)
+            kill_group(proc.pid, sig)
             try:
                 await asyncio.wait_for(proc.wait(), wait_s)
                 return

@@ -27,7 +27,7 @@ from toolkit.serve.engines.base import (
     SamplingParams,
 )
 from toolkit.serve.gateway import Gateway, parse_body
-from toolkit.serve.lifecycle import report_status, until_stopped
+from toolkit.serve.lifecycle import stream_failure, until_stopped
 from toolkit.serve.protocol import (
     SSE_DONE,
     ChatCompletionRequest,
@@ -37,7 +37,6 @@ from toolkit.serve.protocol import (
     chat_response,
     completion_chunk,
     completion_response,
-    error_body,
     new_completion_id,
     now,
     sse,
@@ -142,10 +141,8 @@ async def _stream(gateway: Gateway, engine: GeneratingEngine, prepared: Prepared
                   slot: Slot, scope: Any) -> AsyncIterator[bytes]:
     """SSE chunks; always releases the slot and cancels the engine request when closed.
 
-    Any failure after the first chunk (the `200` is sent) becomes an OpenAI error event then
-    `[DONE]`, so clients see why their answer stopped, and is reported to the metrics as its
-    own status (500 unless the error carries one): counting it as a disconnect (499) would hide
-    engine failures from the 5xx alert.
+    Any failure after the `200` went out ends the stream with an error event then `[DONE]`
+    (`lifecycle.stream_failure`).
     """
     name = gateway.info.model_name
     chat = endpoint == "chat"
@@ -161,21 +158,9 @@ async def _stream(gateway: Gateway, engine: GeneratingEngine, prepared: Prepared
                 if chunk.text:
                     yield sse(chat_chunk(cid, created, name, {"content": chunk.text}) if chat
                               else completion_chunk(cid, created, name, chunk.text))
-        except OpenAIError as exc:
-            report_status(scope, exc.status)
-            yield sse(exc.body())
-            yield SSE_DONE
-            return
-        except Exception as exc:
-            # whatever failed, the client gets an error event; the decode loop fails its requests
-            # with a RuntimeError after logging the traceback, anything else is a bug whose
-            # details stay in the log (as in the 500 handler)
-            decode_failure = isinstance(exc, RuntimeError)
-            message = str(exc) if decode_failure else f"internal error: {type(exc).__name__}"
-            log.error("generation %s failed: %s", cid, message, exc_info=not decode_failure)
-            report_status(scope, 500)
-            yield sse(error_body(message, type="server_error"))
-            yield SSE_DONE
+        except Exception as exc:  # noqa: BLE001 - any failure ends the stream with an error event
+            for event in stream_failure(scope, exc, f"generation {cid}"):
+                yield event
             return
         gateway.observe(started, run.first_at, run.last_at, prepared.prompt_tokens, run.tokens)
         await gateway.record(cid, endpoint, created, req.metadata, prompt, run.text)

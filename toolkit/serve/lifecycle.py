@@ -19,13 +19,15 @@ A stream that fails after its `200` header went out cannot change its status lin
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any, TypeVar
 
 from starlette.requests import ClientDisconnect
 
-from toolkit.serve.protocol import OpenAIError
+from toolkit.serve.protocol import SSE_DONE, OpenAIError, error_body, sse
 
+log = logging.getLogger("toolkit.serve")
 T = TypeVar("T")
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 #: the scope key through which a handler tells the metrics middleware the status to count
@@ -40,6 +42,30 @@ def report_status(scope: MutableMapping[str, Any], status: int) -> None:
 def reported_status(scope: MutableMapping[str, Any]) -> int | None:
     """The status a handler reported with `report_status`, if any."""
     return scope.get(STATUS_KEY)
+
+
+def stream_failure(scope: MutableMapping[str, Any], exc: Exception, what: str) -> list[bytes]:
+    """The last events of a stream that failed after its `200`: an error event, then `[DONE]`.
+
+    The client learns why its answer stopped, and the metrics count the request as the error's
+    status (500 unless it is an `OpenAIError`): counted as a disconnect (499) it would hide
+    engine failures from the 5xx alert.
+
+    Args:
+        scope: the request's ASGI scope (for `report_status`).
+        exc: what ended the stream.
+        what: names the request in the log line.
+    """
+    if isinstance(exc, OpenAIError):
+        report_status(scope, exc.status)
+        return [sse(exc.body()), SSE_DONE]
+    # the decode loop fails its requests with a RuntimeError after logging the traceback;
+    # anything else is a bug whose details stay in the log (as in the app's 500 handler)
+    decode_failure = isinstance(exc, RuntimeError)
+    message = str(exc) if decode_failure else f"internal error: {type(exc).__name__}"
+    log.error("%s failed: %s", what, message, exc_info=None if decode_failure else exc)
+    report_status(scope, 500)
+    return [sse(error_body(message, type="server_error")), SSE_DONE]
 
 
 def shutdown_error() -> OpenAIError:
@@ -81,46 +107,65 @@ async def _client_gone(receive: Receive) -> None:
         pass
 
 
-async def until_stopped(chunks: AsyncIterator[T], cut: asyncio.Event,
-                        receive: Receive | None = None) -> AsyncIterator[T]:
-    """Yield `chunks` until they end, the client disconnects or `cut` is set.
+class Stops:
+    """What may end a request's wait early: the shutdown cut and, optionally, the client leaving.
 
-    Stopping early cancels the step that waits on `chunks`, which closes the engine's
-    generator: the same path as a stream whose client left, so the engine drops the request
-    from its batch at the next step.
+    Each condition is one watcher task for the whole request, so racing every engine step
+    against them creates no watcher per token. `close()` them when the request ends.
 
     Args:
-        chunks: the engine's output.
         cut: set when the shutdown timeout ends.
-        receive: the request's ASGI receive, to watch for a disconnect; None for streams,
-            whose disconnect Starlette already turns into a cancellation.
-
-    Raises:
-        ClientDisconnect: the client closed the connection (counted 499).
-        OpenAIError: 503 once `cut` is set.
+        receive: the request's ASGI receive, read after the body to notice a disconnect; None
+            for streams, whose disconnect Starlette already turns into a cancellation.
     """
-    stops: dict[asyncio.Future[Any], Callable[[], Exception]] = {
-        asyncio.ensure_future(cut.wait()): shutdown_error}
-    if receive is not None:
-        stops[asyncio.ensure_future(_client_gone(receive))] = ClientDisconnect
-    step: asyncio.Future[T] | None = None
+
+    def __init__(self, cut: asyncio.Event, receive: Receive | None = None) -> None:
+        self._watchers: dict[asyncio.Future[Any], Callable[[], Exception]] = {
+            asyncio.ensure_future(cut.wait()): shutdown_error}
+        if receive is not None:
+            self._watchers[asyncio.ensure_future(_client_gone(receive))] = ClientDisconnect
+
+    async def wait(self, work: Awaitable[T]) -> T:
+        """`await work`, unless a stop comes first: then `work` is cancelled and the stop raised.
+
+        Raises:
+            ClientDisconnect: the client closed the connection (counted 499).
+            OpenAIError: 503 once the shutdown cut came.
+        """
+        task = asyncio.ensure_future(work)
+        try:
+            done, _ = await asyncio.wait([task, *self._watchers],
+                                         return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # cancelled from outside: the work must still end
+            task.cancel()
+            raise
+        if task in done:
+            return task.result()
+        task.cancel()
+        await asyncio.wait([task])
+        raise next(stop for watcher, stop in self._watchers.items() if watcher in done)()
+
+    def close(self) -> None:
+        """Stop watching."""
+        for watcher in self._watchers:
+            watcher.cancel()
+
+
+async def until_stopped(chunks: AsyncIterator[T], cut: asyncio.Event,
+                        receive: Receive | None = None) -> AsyncIterator[T]:
+    """Yield `chunks` until they end or a `Stops` condition comes (see `Stops.wait`).
+
+    Stopping early cancels the step waiting on `chunks`, which closes the engine's generator:
+    the same path as a stream whose client left, so the engine drops the request from its
+    batch at the next step.
+    """
+    stops = Stops(cut, receive)
     try:
-        while not cut.is_set():
-            step = asyncio.ensure_future(chunks.__anext__())
-            done, _ = await asyncio.wait([step, *stops], return_when=asyncio.FIRST_COMPLETED)
-            if step not in done:
-                step.cancel()
-                await asyncio.wait([step])
-                raise next(stops[stop] for stop in stops if stop in done)()
+        while True:
             try:
-                item = step.result()
+                item = await stops.wait(chunks.__anext__())
             except StopAsyncIteration:
                 return
-            step = None
             yield item
-        raise shutdown_error()
     finally:
-        for stop in stops:
-            stop.cancel()
-        if step is not None:  # cancelled from outside: the step still closes the engine request
-            step.cancel()
+        stops.close()

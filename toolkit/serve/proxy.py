@@ -24,6 +24,7 @@ from toolkit.serve.admission import Slot
 from toolkit.serve.engines.base import ProxyEngine
 from toolkit.serve.gateway import Gateway, parse_body
 from toolkit.serve.generation import GuardedStream
+from toolkit.serve.lifecycle import stream_failure, until_stopped
 from toolkit.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -85,10 +86,12 @@ async def handle_proxy(gateway: Gateway, request: Request, endpoint: str) -> Any
                           type="server_error", code="engine_unreachable",
                           headers={"Retry-After": "5"}) from None
     if req.stream and upstream.status_code == 200:
-        relay = _Relay(gateway, upstream, started, endpoint, req, slot)
+        relay = _Relay(gateway, upstream, started, endpoint, req, slot, request.scope)
         return GuardedStream(relay.events(), slot)
     try:
-        content = await upstream.aread()
+        # read through until_stopped: a client that leaves closes the upstream request too
+        content = b"".join([part async for part in until_stopped(
+            upstream.aiter_bytes(), gateway.cut, request.receive)])
     finally:
         await upstream.aclose()
         slot.release()
@@ -110,9 +113,10 @@ class _Relay:
     """Pass SSE events through while reading ids, text, timings and usage from them."""
 
     def __init__(self, gateway: Gateway, upstream: httpx.Response, started: float,
-                 endpoint: str, req: ChatCompletionRequest | CompletionRequest, slot: Slot) -> None:
+                 endpoint: str, req: ChatCompletionRequest | CompletionRequest, slot: Slot,
+                 scope: Any) -> None:
         self.gateway, self.upstream, self.started = gateway, upstream, started
-        self.endpoint, self.req, self.slot = endpoint, req, slot
+        self.endpoint, self.req, self.slot, self.scope = endpoint, req, slot, scope
         self.client_usage = req.include_usage()
         self.cid: str | None = None
         self.created = 0
@@ -124,9 +128,11 @@ class _Relay:
         self.finished = False
 
     async def events(self) -> AsyncIterator[bytes]:
+        """The upstream events; vLLM failing mid-stream ends it with an error event, `[DONE]`."""
         buffer = b""
+        chunks = until_stopped(self.upstream.aiter_raw(), self.gateway.cut)
         try:
-            async for data in self.upstream.aiter_raw():
+            async for data in chunks:
                 buffer += data
                 while b"\n\n" in buffer:
                     event, buffer = buffer.split(b"\n\n", 1)
@@ -137,8 +143,12 @@ class _Relay:
                     yield event + b"\n\n"
             if buffer.strip():
                 yield buffer
+        except Exception as exc:  # noqa: BLE001 - any failure ends the stream with an error event
+            for event in stream_failure(self.scope, exc, "the vLLM stream"):
+                yield event
         finally:
             self.slot.release()
+            await chunks.aclose()
             await self.upstream.aclose()
 
     def _read(self, event: bytes) -> bool:

@@ -276,3 +276,48 @@ def test_cli_exposes_the_lifecycle_limits():
     settings = ServeSettings(model="m")
     assert (settings.max_tokens_default, settings.body_timeout_s,
             settings.shutdown_timeout_s) == (1024, 30.0, 30.0)
+
+
+@pytest.fixture()
+def slow_fake_vllm(monkeypatch):
+    """The fake vLLM child, answering one word per 50 ms (400 words take 20 s)."""
+    from tests.conftest import REPO_ROOT
+    from tests.test_serve_vllm import FAKE
+
+    monkeypatch.setenv("PYTHONPATH", str(REPO_ROOT))
+    monkeypatch.setenv("FAKE_VLLM_TOKEN_DELAY_S", "0.05")
+    return FAKE
+
+
+def test_vllm_request_abandoned_before_its_answer_is_499(slow_fake_vllm, tiny_model_dir):
+    with live_gateway(tiny_model_dir, model_name="assistant", **slow_fake_vllm) as live:
+        url = live.base_url
+        request = {"messages": [{"role": "user", "content": "word " * 500}], "max_tokens": 400}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/chat/completions", json=request, timeout=1.0)
+        labels = {"model": "assistant", "engine": "vllm"}
+        assert wait_for(lambda: sample(url, "toolkit_requests_total", endpoint="chat",
+                                       status="499", **labels) == 1, timeout_s=10.0)
+        assert sample(url, "toolkit_requests_running", **labels) == 0
+
+
+def test_vllm_dying_mid_stream_is_an_error_event_and_a_500(slow_fake_vllm, tiny_model_dir):
+    import os
+    import signal
+
+    with live_gateway(tiny_model_dir, model_name="assistant", **slow_fake_vllm) as live:
+        url = live.base_url
+        lines: list[str] = []
+        with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=30, json={
+                "messages": [{"role": "user", "content": "word " * 500}], "max_tokens": 400,
+                "stream": True}) as resp:
+            for line in resp.iter_lines():
+                if line:
+                    lines.append(line)
+                if '"content": "fake"' in line:
+                    os.kill(live.app.state.gateway.engine.pid, signal.SIGKILL)
+        assert lines[-1] == "data: [DONE]"
+        assert json.loads(lines[-2][len("data: "):])["error"]["type"] == "server_error"
+        labels = {"model": "assistant", "engine": "vllm", "endpoint": "chat"}
+        assert sample(url, "toolkit_requests_total", status="500", **labels) == 1
+        assert sample(url, "toolkit_requests_total", status="499", **labels) == 0

@@ -24,7 +24,7 @@ from toolkit.serve.admission import Slot
 from toolkit.serve.engines.base import ProxyEngine
 from toolkit.serve.gateway import Gateway, parse_body
 from toolkit.serve.generation import GuardedStream
-from toolkit.serve.lifecycle import stream_failure, until_stopped
+from toolkit.serve.lifecycle import Stops, stream_failure, until_stopped
 from toolkit.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -78,23 +78,29 @@ async def handle_proxy(gateway: Gateway, request: Request, endpoint: str) -> Any
     if req.stream:
         body["stream_options"] = {**(raw.get("stream_options") or {}), "include_usage": True}
     slot = await gateway.admission.acquire()
+    # vLLM answers a non-streamed request only when it is whole: a client that leaves meanwhile,
+    # or the shutdown cut, closes the upstream request, which makes vLLM abort it
+    stops = Stops(gateway.cut, None if req.stream else request.receive)
+    relayed = False
     try:
-        upstream = await engine.send(UPSTREAM_PATHS[endpoint], body)
-    except httpx.HTTPError as exc:
-        slot.release()
-        raise OpenAIError(503, f"the engine is unreachable ({type(exc).__name__}); retry shortly",
-                          type="server_error", code="engine_unreachable",
-                          headers={"Retry-After": "5"}) from None
-    if req.stream and upstream.status_code == 200:
-        relay = _Relay(gateway, upstream, started, endpoint, req, slot, request.scope)
-        return GuardedStream(relay.events(), slot)
-    try:
-        # read through until_stopped: a client that leaves closes the upstream request too
-        content = b"".join([part async for part in until_stopped(
-            upstream.aiter_bytes(), gateway.cut, request.receive)])
+        try:
+            upstream = await stops.wait(engine.send(UPSTREAM_PATHS[endpoint], body))
+        except httpx.HTTPError as exc:
+            raise OpenAIError(503, f"the engine is unreachable ({type(exc).__name__}); retry "
+                              "shortly", type="server_error", code="engine_unreachable",
+                              headers={"Retry-After": "5"}) from None
+        if req.stream and upstream.status_code == 200:
+            relay = _Relay(gateway, upstream, started, endpoint, req, slot, request.scope)
+            relayed = True
+            return GuardedStream(relay.events(), slot)
+        try:
+            content = await stops.wait(upstream.aread())
+        finally:
+            await upstream.aclose()
     finally:
-        await upstream.aclose()
-        slot.release()
+        stops.close()
+        if not relayed:  # the stream gives its slot back itself
+            slot.release()
     if upstream.status_code != 200:
         return Response(_error_json(upstream.status_code, content), upstream.status_code,
                         media_type="application/json")

@@ -176,7 +176,7 @@ def test_abandoned_request_leaves_the_model_batch(tiny_model_dir):
         # greedy, this prompt decodes all 1000 tokens (~2 s here): the rest was for nobody
         assert wait_for(lambda: not scheduler._active and not scheduler._pending, timeout_s=5.0)
         time.sleep(0.5)
-        assert scheduler.stats.rows_decoded - at_disconnect < 150
+        assert scheduler.stats.rows_decoded - at_disconnect < 300
 
 
 def test_requests_without_max_tokens_get_the_default_cap(tmp_path):

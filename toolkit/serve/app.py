@@ -54,7 +54,7 @@ class _RequestMetrics:
 
     It also bounds the body upload (`body_timeout_s`, see `lifecycle.body_deadline`) and ends a
     request whose client left (`ClientDisconnect`, raised while reading the body or by
-    `lifecycle.until_stopped`) quietly as 499: a client hanging up is not a server error, and
+    `lifecycle.Stops`) quietly as 499: a client hanging up is not a server error, and
     a traceback per disconnect would bury the real ones.
     """
 

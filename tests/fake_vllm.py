@@ -8,7 +8,8 @@ few `vllm:*` series. The answer is the words "fake answer to" followed by the la
 one word per token.
 
 Environment knobs: FAKE_VLLM_ARGV_FILE (write argv and env as JSON there), FAKE_VLLM_FAIL_START
-(exit 3 at once, printing an error), FAKE_VLLM_START_DELAY_S (sleep before listening).
+(exit 3 at once, printing an error), FAKE_VLLM_START_DELAY_S (sleep before listening),
+FAKE_VLLM_TOKEN_DELAY_S (seconds per answer word, streamed or not; default 0.001 for streams).
 """
 
 # no `from __future__ import annotations`: FastAPI must resolve `Request` at runtime
@@ -92,7 +93,9 @@ def build(args: argparse.Namespace):
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(words),
                  "total_tokens": prompt_tokens + len(words)}
         REQUESTS["total"] += 1
+        delay_s = float(os.environ.get("FAKE_VLLM_TOKEN_DELAY_S", "0"))
         if not body.get("stream"):
+            await asyncio.sleep(delay_s * len(words))
             text = " ".join(words)
             choice = ({"index": 0, "message": {"role": "assistant", "content": text},
                        "finish_reason": finish} if chat
@@ -116,7 +119,7 @@ def build(args: argparse.Namespace):
                     piece = word if i == 0 else " " + word
                     yield event([{"index": 0, "delta": {"content": piece}, "finish_reason": None}]
                                 if chat else [{"index": 0, "text": piece, "finish_reason": None}])
-                    await asyncio.sleep(0.001)
+                    await asyncio.sleep(delay_s or 0.001)
                 yield event([{"index": 0, "delta": {}, "finish_reason": finish}] if chat
                             else [{"index": 0, "text": "", "finish_reason": finish}])
                 if (body.get("stream_options") or {}).get("include_usage"):

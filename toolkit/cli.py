@@ -165,6 +165,9 @@ def serve(
     gpu_memory_utilization: Annotated[float | None, typer.Option(help="vLLM GPU memory share.")] = None,
     max_model_len: Annotated[int | None, typer.Option(help="Context length limit.")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads for embedded engines.")] = None,
+    max_tokens_default: Annotated[int, typer.Option(help="Completion tokens when a request sets no max_tokens (embedded engines).")] = 1024,
+    body_timeout_s: Annotated[float, typer.Option(help="Seconds a client may take to upload its body; then 408.")] = 30.0,
+    shutdown_timeout_s: Annotated[float, typer.Option(help="On SIGTERM, seconds in-flight requests may finish; then they get an error.")] = 30.0,
 ) -> None:
     """Serve a model behind an OpenAI-compatible gateway with Prometheus metrics.
 
@@ -180,7 +183,8 @@ def serve(
         vllm_python=vllm_python, tensor_parallel_size=tensor_parallel_size,
         pipeline_parallel_size=pipeline_parallel_size,
         gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-        threads=threads, engine_args=list(ctx.args),
+        threads=threads, max_tokens_default=max_tokens_default, body_timeout_s=body_timeout_s,
+        shutdown_timeout_s=shutdown_timeout_s, engine_args=list(ctx.args),
     )
     run_server(settings)
 

@@ -25,12 +25,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from toolkit.feedback.store import FeedbackStore
 from toolkit.monitoring.metrics import GatewayMetrics, feedback_score01
 from toolkit.serve.admission import Admission
 from toolkit.serve.engines.base import Engine
 from toolkit.serve.gateway import Gateway, parse_body
+from toolkit.serve.lifecycle import body_deadline, report_status, reported_status
 from toolkit.serve.protocol import FeedbackRequest, OpenAIError, error_body
 from toolkit.serve.settings import ServeSettings
 
@@ -39,7 +41,7 @@ log = logging.getLogger("toolkit.serve")
 METRIC_ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions",
                     "/v1/models": "models", "/v1/feedback": "feedback"}
 OPEN_PATHS = ("/health", "/ready", "/metrics", "/metrics/engine", "/docs", "/openapi.json")
-#: status recorded for a stream the client abandoned (nginx's "client closed request")
+#: status recorded for a request the client abandoned (nginx's "client closed request")
 CLIENT_CLOSED = 499
 
 
@@ -48,7 +50,13 @@ def _error_response(exc: OpenAIError) -> JSONResponse:
 
 
 class _RequestMetrics:
-    """ASGI middleware: count every /v1 request by status and time it to its last byte."""
+    """ASGI middleware: count every /v1 request by status and time it to its last byte.
+
+    It also bounds the body upload (`body_timeout_s`, see `lifecycle.body_deadline`) and ends a
+    request whose client left (`ClientDisconnect`, raised while reading the body or by
+    `lifecycle.Stops`) quietly as 499: a client hanging up is not a server error, and
+    a traceback per disconnect would bury the real ones.
+    """
 
     def __init__(self, app: Any, gateway: Gateway) -> None:
         self.app = app
@@ -74,14 +82,19 @@ class _RequestMetrics:
             elif message["type"] == "http.response.body" and not message.get("more_body"):
                 # counted before the last byte leaves, so a client that reads /metrics right
                 # after its answer always sees its own request
-                record(state["code"])
+                record(reported_status(scope) or state["code"])
             await send(message)
 
         try:
-            await self.app(scope, receive, tracked_send)
+            await self.app(scope, body_deadline(receive, self.gateway.settings.body_timeout_s),
+                           tracked_send)
+        except ClientDisconnect:
+            log.info("%s %s: the client closed the connection before its answer (499)",
+                     scope["method"], scope["path"])
+            report_status(scope, CLIENT_CLOSED)
         finally:
             if not state["recorded"]:  # no response (500) or a stream the client abandoned
-                record(CLIENT_CLOSED if state["code"] else 500)
+                record(reported_status(scope) or (CLIENT_CLOSED if state["code"] else 500))
 
 
 def build_app(settings: ServeSettings, engine: Engine, metrics: GatewayMetrics | None = None,

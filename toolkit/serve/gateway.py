@@ -38,6 +38,8 @@ class Gateway:
     engine_error: str | None = None
     #: called when the engine fails to start (the server uses it to exit)
     on_engine_failed: Callable[[], None] | None = None
+    #: set when the shutdown timeout ends: generations still running stop with an OpenAI error
+    cut: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def info(self) -> EngineInfo:

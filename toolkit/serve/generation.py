@@ -1,8 +1,11 @@
 """Chat and text completions through an in-process engine: OpenAI bodies and SSE streams.
 
 The slot taken from admission control is held for the whole generation, streamed or not, and
-given back in a `finally`, so a client that disconnects mid-stream frees it at once (Starlette
-cancels the stream, which cancels the engine request).
+given back in a `finally`, so a client that disconnects frees it at once: Starlette cancels a
+stream whose client left, and `lifecycle.until_stopped` watches a non-streamed request's
+connection; either way the engine's generator closes, which cancels the engine request. A
+failure after a stream's `200` header ends the stream with an error event and `[DONE]`, counted
+as a 5xx.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from toolkit.serve.engines.base import (
     SamplingParams,
 )
 from toolkit.serve.gateway import Gateway, parse_body
+from toolkit.serve.lifecycle import stream_failure, until_stopped
 from toolkit.serve.protocol import (
     SSE_DONE,
     ChatCompletionRequest,
@@ -33,7 +37,6 @@ from toolkit.serve.protocol import (
     chat_response,
     completion_chunk,
     completion_response,
-    error_body,
     new_completion_id,
     now,
     sse,
@@ -108,16 +111,19 @@ async def handle_generation(gateway: Gateway, request: Request, endpoint: str) -
         raise OpenAIError(503, "the engine is not ready yet; retry shortly", type="server_error",
                           code="engine_not_ready", headers={"Retry-After": "5"})
     prepared = engine.prepare(to_generation_request(req))
+    if req.token_limit() is None:  # the engine resolved "the rest of the context"; cap it
+        prepared.max_tokens = min(prepared.max_tokens, gateway.settings.max_tokens_default)
     cid = new_completion_id("chat" if endpoint == "chat" else "completion")
     created = now()
     prompt = prepared.request.messages if endpoint == "chat" else prepared.request.prompt
     slot = await gateway.admission.acquire()
     if req.stream:
-        body = _stream(gateway, engine, prepared, endpoint, cid, created, started, req, prompt, slot)
+        body = _stream(gateway, engine, prepared, endpoint, cid, created, started, req, prompt,
+                       slot, request.scope)
         return GuardedStream(body, slot)
     run = _Run(prepared)
     try:
-        async for chunk in engine.generate(prepared):
+        async for chunk in until_stopped(engine.generate(prepared), gateway.cut, request.receive):
             run.add(chunk.text, chunk.tokens, chunk.finish_reason)
     finally:
         slot.release()
@@ -132,29 +138,29 @@ async def handle_generation(gateway: Gateway, request: Request, endpoint: str) -
 async def _stream(gateway: Gateway, engine: GeneratingEngine, prepared: PreparedRequest,
                   endpoint: str, cid: str, created: int, started: float,
                   req: ChatCompletionRequest | CompletionRequest, prompt: Any,
-                  slot: Slot) -> AsyncIterator[bytes]:
-    """SSE chunks; always releases the slot and cancels the engine request when closed."""
+                  slot: Slot, scope: Any) -> AsyncIterator[bytes]:
+    """SSE chunks; always releases the slot and cancels the engine request when closed.
+
+    Any failure after the `200` went out ends the stream with an error event then `[DONE]`
+    (`lifecycle.stream_failure`).
+    """
     name = gateway.info.model_name
     chat = endpoint == "chat"
     run = _Run(prepared)
     generator = engine.generate(prepared)
+    chunks = until_stopped(generator, gateway.cut)
     try:
         if chat:
             yield sse(chat_chunk(cid, created, name, {"role": "assistant", "content": ""}))
         try:
-            async for chunk in generator:
+            async for chunk in chunks:
                 run.add(chunk.text, chunk.tokens, chunk.finish_reason)
                 if chunk.text:
                     yield sse(chat_chunk(cid, created, name, {"content": chunk.text}) if chat
                               else completion_chunk(cid, created, name, chunk.text))
-        except OpenAIError as exc:
-            yield sse(exc.body())
-            yield SSE_DONE
-            return
-        except RuntimeError as exc:  # the decode loop failed this request
-            log.error("generation %s failed: %s", cid, exc)
-            yield sse(error_body(str(exc), type="server_error"))
-            yield SSE_DONE
+        except Exception as exc:  # noqa: BLE001 - any failure ends the stream with an error event
+            for event in stream_failure(scope, exc, f"generation {cid}"):
+                yield event
             return
         gateway.observe(started, run.first_at, run.last_at, prepared.prompt_tokens, run.tokens)
         await gateway.record(cid, endpoint, created, req.metadata, prompt, run.text)
@@ -168,4 +174,5 @@ async def _stream(gateway: Gateway, engine: GeneratingEngine, prepared: Prepared
     finally:
         slot.release()
         with contextlib.suppress(Exception):
+            await chunks.aclose()
             await generator.aclose()

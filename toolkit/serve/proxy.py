@@ -24,6 +24,7 @@ from toolkit.serve.admission import Slot
 from toolkit.serve.engines.base import ProxyEngine
 from toolkit.serve.gateway import Gateway, parse_body
 from toolkit.serve.generation import GuardedStream
+from toolkit.serve.lifecycle import Stops, stream_failure, until_stopped
 from toolkit.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -77,21 +78,29 @@ async def handle_proxy(gateway: Gateway, request: Request, endpoint: str) -> Any
     if req.stream:
         body["stream_options"] = {**(raw.get("stream_options") or {}), "include_usage": True}
     slot = await gateway.admission.acquire()
+    # vLLM answers a non-streamed request only when it is whole: a client that leaves meanwhile,
+    # or the shutdown cut, closes the upstream request, which makes vLLM abort it
+    stops = Stops(gateway.cut, None if req.stream else request.receive)
+    relayed = False
     try:
-        upstream = await engine.send(UPSTREAM_PATHS[endpoint], body)
-    except httpx.HTTPError as exc:
-        slot.release()
-        raise OpenAIError(503, f"the engine is unreachable ({type(exc).__name__}); retry shortly",
-                          type="server_error", code="engine_unreachable",
-                          headers={"Retry-After": "5"}) from None
-    if req.stream and upstream.status_code == 200:
-        relay = _Relay(gateway, upstream, started, endpoint, req, slot)
-        return GuardedStream(relay.events(), slot)
-    try:
-        content = await upstream.aread()
+        try:
+            upstream = await stops.wait(engine.send(UPSTREAM_PATHS[endpoint], body))
+        except httpx.HTTPError as exc:
+            raise OpenAIError(503, f"the engine is unreachable ({type(exc).__name__}); retry "
+                              "shortly", type="server_error", code="engine_unreachable",
+                              headers={"Retry-After": "5"}) from None
+        if req.stream and upstream.status_code == 200:
+            relay = _Relay(gateway, upstream, started, endpoint, req, slot, request.scope)
+            relayed = True
+            return GuardedStream(relay.events(), slot)
+        try:
+            content = await stops.wait(upstream.aread())
+        finally:
+            await upstream.aclose()
     finally:
-        await upstream.aclose()
-        slot.release()
+        stops.close()
+        if not relayed:  # the stream gives its slot back itself
+            slot.release()
     if upstream.status_code != 200:
         return Response(_error_json(upstream.status_code, content), upstream.status_code,
                         media_type="application/json")
@@ -110,9 +119,10 @@ class _Relay:
     """Pass SSE events through while reading ids, text, timings and usage from them."""
 
     def __init__(self, gateway: Gateway, upstream: httpx.Response, started: float,
-                 endpoint: str, req: ChatCompletionRequest | CompletionRequest, slot: Slot) -> None:
+                 endpoint: str, req: ChatCompletionRequest | CompletionRequest, slot: Slot,
+                 scope: Any) -> None:
         self.gateway, self.upstream, self.started = gateway, upstream, started
-        self.endpoint, self.req, self.slot = endpoint, req, slot
+        self.endpoint, self.req, self.slot, self.scope = endpoint, req, slot, scope
         self.client_usage = req.include_usage()
         self.cid: str | None = None
         self.created = 0
@@ -124,9 +134,11 @@ class _Relay:
         self.finished = False
 
     async def events(self) -> AsyncIterator[bytes]:
+        """The upstream events; vLLM failing mid-stream ends it with an error event, `[DONE]`."""
         buffer = b""
+        chunks = until_stopped(self.upstream.aiter_raw(), self.gateway.cut)
         try:
-            async for data in self.upstream.aiter_raw():
+            async for data in chunks:
                 buffer += data
                 while b"\n\n" in buffer:
                     event, buffer = buffer.split(b"\n\n", 1)
@@ -137,8 +149,12 @@ class _Relay:
                     yield event + b"\n\n"
             if buffer.strip():
                 yield buffer
+        except Exception as exc:  # noqa: BLE001 - any failure ends the stream with an error event
+            for event in stream_failure(self.scope, exc, "the vLLM stream"):
+                yield event
         finally:
             self.slot.release()
+            await chunks.aclose()
             await self.upstream.aclose()
 
     def _read(self, event: bytes) -> bool:

@@ -2,11 +2,15 @@
 
 Graceful shutdown on SIGTERM/SIGINT: `/ready` turns 503 at once (load balancers stop sending),
 uvicorn stops accepting connections and lets in-flight requests finish for up to
-`shutdown_timeout_s`, then the engine stops (vLLM's process group gets SIGTERM).
+`shutdown_timeout_s`, then the engine stops (vLLM's process group gets SIGTERM). Generations
+still running at that timeout are cut by the gateway itself (`Gateway.cut`) with an OpenAI
+error; uvicorn's own deadline comes `CUT_GRACE_S` later, only as a backstop, because its
+cancellation answers a plain-text 500 or drops a stream without `[DONE]`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import logging
@@ -20,6 +24,9 @@ from toolkit.errors import ToolkitError
 from toolkit.serve.settings import EngineChoice, ServeSettings
 
 log = logging.getLogger("toolkit.serve")
+#: seconds between the gateway cutting in-flight generations and uvicorn cancelling what is left:
+#: time enough for the cut requests to send their error and close their connections
+CUT_GRACE_S = 2.0
 
 
 def build_gateway(settings: ServeSettings) -> Any:
@@ -59,7 +66,7 @@ def make_server(app: Any, settings: ServeSettings, log_level: str = "info") -> A
 
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=log_level,
-        timeout_graceful_shutdown=int(settings.shutdown_timeout_s) or None,
+        timeout_graceful_shutdown=settings.shutdown_timeout_s + CUT_GRACE_S,  # type: ignore[arg-type]
         timeout_keep_alive=5, access_log=False, lifespan="on",
     )
 
@@ -67,6 +74,14 @@ def make_server(app: Any, settings: ServeSettings, log_level: str = "info") -> A
         def handle_exit(self, sig: int, frame: Any) -> None:
             app.state.gateway.draining = True
             super().handle_exit(sig, frame)
+
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            cut = asyncio.get_running_loop().call_later(settings.shutdown_timeout_s,
+                                                        app.state.gateway.cut.set)
+            try:
+                await super().shutdown(sockets)
+            finally:
+                cut.cancel()
 
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:

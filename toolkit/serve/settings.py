@@ -83,7 +83,19 @@ class ServeSettings(BaseModel):
         description="How long to wait for the engine to become ready (vLLM compiles on CPU: minutes).",
     )
     shutdown_timeout_s: float = Field(
-        default=30.0, ge=0, description="On SIGTERM, how long in-flight requests may finish."
+        default=30.0, ge=0,
+        description="On SIGTERM, how long in-flight requests may finish; then they end with an "
+        "OpenAI error (503, or an error event in a stream).",
+    )
+    body_timeout_s: float = Field(
+        default=30.0, gt=0,
+        description="How long a client may take to upload its request body; then 408 and the "
+        "connection closes (a stalled upload must not hold a connection).",
+    )
+    max_tokens_default: int = Field(
+        default=1024, ge=1,
+        description="Completion tokens when a request sets no max_tokens (it may ask for more, "
+        "up to the context).",
     )
     max_restarts: int = Field(
         default=3, ge=0, description="vLLM child restarts after a crash before the gateway gives up."

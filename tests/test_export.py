@@ -269,7 +269,7 @@ def test_format_round_trips_with_a_complete_report(exported: Any, fmt: ExportFor
     assert set(report["vllm"]) >= {"loadable", "quantization", "reason"}
     assert report["engine_hint"] and report["system_prompt"] == SYSTEM_PROMPT
     assert report["eval_data"]["by_language"] == {"en": 3, "fr": 3}
-    assert "## Quality" in (folder / "README.md").read_text()
+    assert "## Evaluation" in (folder / "README.md").read_text()
     assert not [p for p in exported.out.iterdir() if p.name.startswith(".")]
     # reload through the shared loader and generate
     loaded = load_export(folder)
@@ -281,6 +281,41 @@ def test_format_round_trips_with_a_complete_report(exported: Any, fmt: ExportFor
     assert len(tokens) == 5 and all(isinstance(t, int) for t in tokens)
     logits = loaded.logits_fn(np.asarray([list(prompt)], dtype=np.int64))
     assert logits.shape == (1, len(prompt), len(loaded.tokenizer))
+
+
+@pytest.mark.parametrize("fmt", cpu_formats(), ids=lambda f: f.value)
+def test_export_card_and_files_fit_the_hub(exported: Any, tiny_run: Path,
+                                           fmt: ExportFormat) -> None:
+    from huggingface_hub import ModelCard
+
+    from toolkit.export.registry import REGISTRY
+
+    folder = exported.out / fmt.value
+    card = ModelCard.load(folder / "README.md")
+    data = card.data.to_dict()
+    assert data["base_model"] == str(exported.outcome(fmt).report.source["base_model"]["source"])
+    assert data["language"] == ["fr", "en"] and data["pipeline_tag"] == "text-generation"
+    assert data["license"] == "other" and data["license_name"] == "unknown"  # a local tiny base
+    assert data["library_name"] == ("onnx" if REGISTRY[fmt].family == "onnx" else "transformers")
+    assert set(REGISTRY[fmt].card_tags) <= set(data["tags"])
+    assert card.text.lstrip().splitlines()[0] == f"# {tiny_run.name} ({fmt.value})"
+    for section in ("## Intended use and limits", "synthetic sample data", "clinician",
+                    "## Evaluation", "| perplexity |", "## How to load", "## Licence"):
+        assert section in card.text, section
+    loader = "ORTModelForCausalLM" if REGISTRY[fmt].family == "onnx" else "AutoModelForCausalLM"
+    assert loader in card.text
+    assert ("vllm serve" in card.text) == (fmt in (ExportFormat.merged, ExportFormat.gptq_int4))
+    # no load-time leftovers
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    assert not {"local_files_only", "is_local"} & set(tokenizer_config)
+    assert tokenizer_config["model_max_length"] == 1024
+    config = json.loads((folder / "config.json").read_text())
+    if REGISTRY[fmt].family == "onnx":
+        assert config["dtype"] == "float32"
+    generation = json.loads((folder / "generation_config.json").read_text())
+    merged_generation = json.loads((exported.out / "merged" / "generation_config.json").read_text())
+    assert generation.get("do_sample") == merged_generation.get("do_sample")
+    assert not list(Path("logs").glob("gptq_log_*"))
 
 
 def test_quantized_formats_are_measured_against_merged(exported: Any) -> None:
@@ -457,6 +492,52 @@ def test_bare_adapter_folder_is_a_source(tiny_run: Path, tiny_model_dir: Path) -
     assert source.default_out == tiny_run / "exports"
     with pytest.raises(ToolkitError, match="peft adapter folder"):
         resolve_source(tiny_model_dir)
+
+
+def test_trained_adapter_records_the_portable_base(tiny_run: Path, tiny_model_dir: Path,
+                                                   tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run on `embedded:...` writes that id, not this machine's cache path, and every
+    loader of the base resolves it through model_source."""
+    from huggingface_hub import ModelCard
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from toolkit import model_source
+    from toolkit.export.source import resolve_source
+    from toolkit.model_source import ResolvedModel
+    from toolkit.train.adapter import finish_adapter
+
+    monkeypatch.setattr(model_source, "embedded_model_dir", lambda name: tiny_model_dir)
+    adapter = shutil.copytree(tiny_run / "adapter", tmp_path / "adapter")
+    base = ResolvedModel("embedded:smollm2-135m", tiny_model_dir, None, "embedded")
+    manifest = {"toolkit_version": "0.1.0", "steps": 3, "tokens_per_s": 10.0,
+                "device": {"type": "cpu", "precision": "fp32"},
+                "data": {"train": {"path": "data/train.jsonl", "examples": 12, "sha256": "ab"}},
+                "metrics": {"before": {"overall": 9.5, "by_language": {"fr": 9.0, "en": 10.0}},
+                            "after": {"overall": 4.25, "by_language": {"fr": 4.0, "en": 4.5}}}}
+    finish_adapter(adapter, base, manifest, "demo")
+
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "embedded:smollm2-135m"
+    tokenizer_config = json.loads((adapter / "tokenizer_config.json").read_text())
+    assert not {"local_files_only", "is_local"} & set(tokenizer_config)
+    assert tokenizer_config["model_max_length"] == 1024
+    card = ModelCard.load(adapter / "README.md")
+    assert "[More Information Needed]" not in card.text and "| after | 4.25 | 4.00 | 4.50 |" in card.text
+    data = card.data.to_dict()
+    assert data["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert data["license"] == "apache-2.0" and data["library_name"] == "peft"
+    assert data["language"] == ["fr", "en"] and data["pipeline_tag"] == "text-generation"
+    # export and serve resolve the portable id, and peft loads the adapter on that base
+    source = resolve_source(adapter)
+    assert source.base.kind == "embedded" and source.base.path == tiny_model_dir
+    from toolkit.serve.select import _from_adapter
+
+    assert _from_adapter(adapter, "demo").path == tiny_model_dir
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(source.base.path),
+                                      adapter)
+    assert model.peft_config["default"].r == 8
 
 
 # --- vLLM loadability ----------------------------------------------------------------------

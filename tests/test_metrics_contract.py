@@ -118,17 +118,48 @@ def test_model_info_is_one(metrics: GatewayMetrics) -> None:
     assert metrics.registry.get_sample_value("toolkit_model_info", labels) == 1
 
 
-def test_feedback_counts_raw_ratings_and_observes_scores(metrics: GatewayMetrics) -> None:
+def test_feedback_counts_ratings_per_scale_and_observes_scores(metrics: GatewayMetrics) -> None:
     ratings: list[tuple[int, RatingScale]] = [(1, "thumbs"), (-1, "thumbs"), (5, "stars"),
-                                              (2, "stars")]
+                                              (2, "stars"), (1, "stars")]
     for rating, scale in ratings:
-        metrics.feedback(M, rating, feedback_score01(rating, scale))
-    assert value(metrics, "toolkit_feedback_total", model=M, rating="1") == 1
-    assert value(metrics, "toolkit_feedback_total", model=M, rating="-1") == 1
-    assert value(metrics, "toolkit_feedback_score_count", model=M) == 4
+        metrics.feedback(M, rating, feedback_score01(rating, scale), scale)
+    # a thumbs up and a 1-star rating are both rating="1", told apart by scale
+    assert value(metrics, "toolkit_feedback_total", model=M, scale="thumbs", rating="1") == 1
+    assert value(metrics, "toolkit_feedback_total", model=M, scale="stars", rating="1") == 1
+    assert value(metrics, "toolkit_feedback_total", model=M, scale="thumbs", rating="-1") == 1
+    assert value(metrics, "toolkit_feedback_score_count", model=M) == 5
     assert value(metrics, "toolkit_feedback_score_sum", model=M) == pytest.approx(2.25)
-    assert value(metrics, "toolkit_feedback_score_bucket", model=M, le="0.0") == 1
-    assert value(metrics, "toolkit_feedback_score_bucket", model=M, le="0.25") == 2
+    assert value(metrics, "toolkit_feedback_score_bucket", model=M, le="0.0") == 2
+    assert value(metrics, "toolkit_feedback_score_bucket", model=M, le="0.25") == 3
+
+
+@pytest.mark.parametrize(("rating", "score", "scale"), [
+    (1, 1.0, "thumbs"), (-1, 0.0, "thumbs"), (1, 0.0, "stars"), (4, 0.75, "stars"),
+])
+def test_feedback_without_a_scale_derives_it(metrics: GatewayMetrics, rating: int, score: float,
+                                             scale: str) -> None:
+    metrics.feedback(M, rating, score)
+    assert value(metrics, "toolkit_feedback_total", model=M, scale=scale, rating=str(rating)) == 1
+
+
+def test_build_info_names_version_commit_and_engine(metrics: GatewayMetrics) -> None:
+    from toolkit import __version__
+    from toolkit.build_info import build_commit
+
+    commit = build_commit()
+    assert commit == "unknown" or (7 <= len(commit) <= 12 and int(commit, 16) >= 0)
+    labels = {"version": __version__, "commit": commit, "engine": E}
+    assert metrics.registry.get_sample_value("toolkit_build_info", labels) == 1
+
+
+def test_build_commit_comes_from_the_image_or_is_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
+    from toolkit.build_info import build_commit
+
+    for given, expected in (("ABCDEF1234567890", "abcdef123456"), ("not a hash", "unknown")):
+        monkeypatch.setenv("TOOLKIT_COMMIT", given)
+        build_commit.cache_clear()
+        assert build_commit() == expected
+    build_commit.cache_clear()
 
 
 @pytest.mark.parametrize(("rating", "scale", "score"), [
@@ -151,6 +182,12 @@ def test_bad_inputs_raise(metrics: GatewayMetrics) -> None:
         metrics.request_finished(M, E, "embeddings", 200, 0.1)
     with pytest.raises(ValueError, match=r"outside 0\.\.1"):
         metrics.feedback(M, 5, 5.0)
+    with pytest.raises(ValueError, match="on no scale"):
+        metrics.feedback(M, 2, 1.0)
+    with pytest.raises(ValueError, match="not on scale"):
+        metrics.feedback(M, 1, 0.0, "thumbs")  # 1 star's score sent as a thumbs up
+    with pytest.raises(ValueError, match="thumbs rating 5 is invalid"):
+        metrics.feedback(M, 5, 1.0, "thumbs")
 
 
 def test_each_registry_is_independent() -> None:
@@ -167,7 +204,7 @@ def test_contract_names_follow_prometheus_conventions() -> None:
     for spec in TOOLKIT_METRICS:
         assert spec.name.startswith("toolkit_") and spec.documentation
         assert set(spec.labels) <= {"model", "engine", "endpoint", "status", "format",
-                                    "quantization", "rating"}
+                                    "quantization", "scale", "rating", "version", "commit"}
         if spec.kind == "histogram":
             assert spec.buckets == tuple(sorted(spec.buckets or ()))
             assert spec.name.endswith(("_seconds", "_score"))

@@ -123,9 +123,9 @@ def test_compose_runs_vllm_on_a_gpu_next_to_prometheus(monitoring: Path) -> None
     services = load(monitoring / "docker-compose.yml")["services"]
     assert set(services) == {"toolkit", "prometheus", "grafana"}
     toolkit = services["toolkit"]
-    assert toolkit["image"] == "${TOOLKIT_IMAGE:-toolkit:latest}"
+    assert toolkit["build"]["target"] == "gpu"  # the Dockerfile's ENTRYPOINT is `toolkit`
     command = toolkit["command"]
-    assert command[:3] == ["toolkit", "serve", "/models/export"]
+    assert command[:2] == ["serve", "/models/export"]
     assert command[command.index("--engine") + 1] == "vllm"
     assert command[command.index("--host") + 1] == "0.0.0.0"
     assert command[command.index("--port") + 1] == "8000"
@@ -134,7 +134,8 @@ def test_compose_runs_vllm_on_a_gpu_next_to_prometheus(monitoring: Path) -> None
     prometheus = services["prometheus"]
     assert "./prometheus:/etc/prometheus:ro" in prometheus["volumes"]
     assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
-    assert "9090:9090" in prometheus["ports"] and "3000:3000" in services["grafana"]["ports"]
+    assert "${PROMETHEUS_BIND:-127.0.0.1}:9090:9090" in prometheus["ports"]
+    assert "3000:3000" in services["grafana"]["ports"]
 
 
 def test_readme_metric_table_matches_the_contract(monitoring: Path) -> None:

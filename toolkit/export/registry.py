@@ -59,6 +59,7 @@ class FormatSpec:
         target_delta_pct: the perplexity delta the format should stay within (the
             benchmark targets); None for the reference formats, which are checked by logits.
         summary: one line for the model card.
+        card_tags: the model card's format tags (what Hub search filters on).
     """
 
     format: ExportFormat
@@ -69,6 +70,7 @@ class FormatSpec:
     bits: int | None
     target_delta_pct: float | None
     summary: str
+    card_tags: tuple[str, ...]
 
 
 REGISTRY: dict[ExportFormat, FormatSpec] = {
@@ -76,22 +78,28 @@ REGISTRY: dict[ExportFormat, FormatSpec] = {
     for spec in (
         FormatSpec(ExportFormat.merged, "toolkit.export.merge:export_merged", (),
                    "transformers", "none", None, None,
-                   "LoRA adapters merged into the base weights (safetensors)"),
+                   "LoRA adapters merged into the base weights (safetensors)",
+                   ("safetensors", "merged")),
         FormatSpec(ExportFormat.bnb_int8, "toolkit.export.bnb:export_bnb_int8",
                    ("bitsandbytes",), "transformers", "bitsandbytes", 8, 2.0,
-                   "bitsandbytes LLM.int8 pre-quantized checkpoint"),
+                   "bitsandbytes LLM.int8 pre-quantized checkpoint",
+                   ("bitsandbytes", "8-bit", "int8")),
         FormatSpec(ExportFormat.bnb_nf4, "toolkit.export.bnb:export_bnb_nf4",
                    ("bitsandbytes",), "transformers", "bitsandbytes", 4, 10.0,
-                   "bitsandbytes NF4 pre-quantized checkpoint"),
+                   "bitsandbytes NF4 pre-quantized checkpoint",
+                   ("bitsandbytes", "4-bit", "nf4")),
         FormatSpec(ExportFormat.gptq_int4, "toolkit.export.gptq:export_gptq",
                    ("gptqmodel", "optimum"), "transformers", "gptq", 4, 10.0,
-                   "GPTQ 4-bit (gptqmodel), calibrated on the project's FR/EN examples"),
+                   "GPTQ 4-bit (gptqmodel), calibrated on the project's FR/EN examples",
+                   ("gptq", "4-bit", "int4")),
         FormatSpec(ExportFormat.onnx, "toolkit.export.onnx_formats:export_onnx_fp32",
                    ("onnx", "onnxruntime"), "onnx", "none", None, None,
-                   "ONNX graph with past key values (optimum-onnx), external data"),
+                   "ONNX graph with past key values (optimum-onnx), external data",
+                   ("onnx",)),
         FormatSpec(ExportFormat.onnx_int8, "toolkit.export.onnx_formats:export_onnx_int8",
                    ("onnx", "onnxruntime"), "onnx", "onnxruntime", 8, 2.0,
-                   "ONNX Runtime int8 quantization of the ONNX export"),
+                   "ONNX Runtime int8 quantization of the ONNX export",
+                   ("onnx", "8-bit", "int8")),
     )
 }
 

@@ -23,7 +23,6 @@ REPORT_VERSION = 1
 REPORT_NAME = "export_report.json"
 CARD_NAME = "README.md"
 TABLE_WIDTH = 140
-CARD_VALUE_MAX = 200
 
 
 @dataclass
@@ -105,6 +104,8 @@ class ExportReport:
         report_path = Path(folder) / REPORT_NAME
         report_path.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n",
                                encoding="utf-8")
+        from toolkit.export.card import model_card
+
         card_path = Path(folder) / CARD_NAME
         card_path.write_text(model_card(self), encoding="utf-8")
         return report_path, card_path
@@ -131,74 +132,19 @@ def delta_pct(value: float | None, reference: float | None) -> float | None:
     return 100.0 * (value / reference - 1.0)
 
 
-def _mb(num: int | None) -> str:
-    return "-" if num is None else f"{num / 1e6:,.1f} MB"
+def mb(count: int | None) -> str:
+    """Bytes as megabytes for the table and the card ("-" when unknown)."""
+    return "-" if count is None else f"{count / 1e6:,.1f} MB"
 
 
-def _num(value: Any, spec: str = ".2f") -> str:
+def num(value: Any, spec: str = ".2f") -> str:
+    """A number for the table and the card ("-" when unknown)."""
     return "-" if value is None else format(value, spec)
 
 
-def _signed(value: Any) -> str:
+def signed(value: Any) -> str:
+    """A percentage delta with its sign ("-" when unknown)."""
     return "-" if value is None else f"{value:+.1f} %"
-
-
-def model_card(report: ExportReport) -> str:
-    """A short README.md for the export folder (what it is, how good, how to use it)."""
-    r = report
-    ppl, ref, delta = r.perplexity, r.reference_perplexity, r.perplexity_delta_pct
-    base = r.source.get("base_model", {})
-    quant = {k: v for k, v in r.quantization.items()
-             if k not in ("method", "reason", "files") and v not in (None, {}, [])}
-    # long measurement tables stay in export_report.json
-    settings = {k: json.dumps(v, ensure_ascii=False) for k, v in quant.items()}
-    settings = {k: v for k, v in settings.items() if len(v) <= CARD_VALUE_MAX}
-    reason = f" — {r.quantization['reason']}" if r.quantization.get("reason") else ""
-    target = r.quality.get("target_delta_pct")
-    target_text = f" (target: delta <= +{target:g} %)" if target is not None else ""
-    check = r.verification
-    vllm_flag = f" with `--quantization {r.vllm['quantization']}`" if r.vllm.get("quantization") else ""
-    lines = [
-        f"# {Path(r.path).name}: {r.format} export",
-        "",
-        (f"Fine-tune of `{base.get('source')}` (adapter `{r.source.get('adapter_dir')}`), "
-         f"exported by toolkit {r.toolkit_version} on {r.created}."),
-        "",
-        "## Format",
-        f"- format: `{r.format}`, quantization: `{r.quantization.get('method')}`{reason}",
-        *[f"- {key}: `{text}`" for key, text in settings.items()],
-        f"- dtype: `{r.dtype}`, max_model_len: {r.max_model_len}",
-        (f"- size: {_mb(r.size_bytes)} on disk, weights {_mb(r.weights_bytes)} = "
-         f"{r.size_ratio:.0%} of the fp16 merged model ({_mb(r.fp16_reference_bytes)})"),
-        "",
-        "## Quality (held-out answers; the merged model is the reference)",
-        "| | overall | fr | en |",
-        "|---|---|---|---|",
-        f"| perplexity | {_num(ppl.get('overall'))} | {_num(ppl.get('fr'))} | {_num(ppl.get('en'))} |",
-        f"| reference | {_num(ref.get('overall'))} | {_num(ref.get('fr'))} | {_num(ref.get('en'))} |",
-        (f"| delta | {_signed(delta.get('overall'))} | {_signed(delta.get('fr'))} | "
-         f"{_signed(delta.get('en'))} |"),
-        "",
-        f"Verdict: **{r.quality.get('verdict')}**{target_text}.",
-        (f"Verification: max |logit difference| {_num(check.get('max_abs_logit_diff'), '.3g')} "
-         f"against {check.get('reference')} on {check.get('prompts')} held-out prompts; "
-         f"passed: {check.get('passed')}."),
-        (f"Speed here: {_num(r.speed.get('tokens_per_s'), '.1f')} tokens/s greedy, batch 1, "
-         f"{r.speed.get('threads')} thread(s), {r.speed.get('engine')}."),
-        "",
-        "## Serving",
-        f"- engines that can serve it on the exporting machine: {', '.join(r.engine_hint) or 'none'}",
-        (f"- vLLM: {'loadable' if r.vllm.get('loadable') else 'not loadable'}{vllm_flag} "
-         f"({r.vllm.get('reason')})"),
-        f"- `toolkit serve {r.path}`",
-    ]
-    if r.system_prompt:
-        lines += ["", "System prompt used in training (serve renders it):", "",
-                  f"> {r.system_prompt}"]
-    if r.warnings:
-        lines += ["", "## Warnings", *[f"- {w}" for w in r.warnings]]
-    lines += ["", "Details: `export_report.json`.", ""]
-    return "\n".join(lines)
 
 
 @dataclass
@@ -232,11 +178,11 @@ def print_table(rows: list[TableRow], console: Console, title: str = "export") -
         if row.status != "ok":
             status = f"{row.status} ({verdict})"
         table.add_row(
-            row.format, _mb(r.weights_bytes), f"{r.size_ratio:.0%}",
-            _num(r.perplexity.get("overall")), _num(r.perplexity.get("fr")),
-            _num(r.perplexity.get("en")),
-            "ref" if verdict == "reference" else _signed(delta.get("overall")),
-            _num(r.speed.get("tokens_per_s"), ".1f"), f"{r.export_seconds:.0f} s", status,
+            row.format, mb(r.weights_bytes), f"{r.size_ratio:.0%}",
+            num(r.perplexity.get("overall")), num(r.perplexity.get("fr")),
+            num(r.perplexity.get("en")),
+            "ref" if verdict == "reference" else signed(delta.get("overall")),
+            num(r.speed.get("tokens_per_s"), ".1f"), f"{r.export_seconds:.0f} s", status,
         )
     if console.is_terminal:
         console.print(table)

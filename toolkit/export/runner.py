@@ -279,6 +279,7 @@ def _produce(fmt: ExportFormat, ctx: ExportContext, reference: _Reference | None
     """Export one format into a temporary folder, verify and measure it, commit it."""
     from toolkit.export.compat import add_v4_compat, copy_support_files
     from toolkit.export.loading import load_export
+    from toolkit.tokenizer_files import context_length, tidy_tokenizer_config
 
     spec = REGISTRY[fmt]
     target = ctx.out / fmt.value
@@ -292,6 +293,7 @@ def _produce(fmt: ExportFormat, ctx: ExportContext, reference: _Reference | None
                 shutil.copy2(ctx.merged_dir / "config.json", work / "config.json")
         if spec.family == "transformers":
             add_v4_compat(work)
+        tidy_tokenizer_config(work, context_length(work))
         loaded = variant.loaded or load_export(work, fmt=fmt, threads=threads)
         report = _verify_and_report(fmt, ctx, reference, variant, loaded, target, work,
                                     encoded, eval_info, speed_prompt, threads, speed_tokens,

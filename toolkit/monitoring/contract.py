@@ -12,8 +12,12 @@ from typing import Literal
 
 MetricKind = Literal["counter", "gauge", "histogram"]
 Endpoint = Literal["chat", "completions", "models", "feedback"]
+RatingScale = Literal["thumbs", "stars"]
 #: The bounded values of the `endpoint` label.
 ENDPOINTS: tuple[Endpoint, ...] = ("chat", "completions", "models", "feedback")
+#: The bounded values of the feedback `scale` label; a rating means nothing without its scale
+#: (`rating="1"` is a thumbs up or the worst star).
+RATING_SCALES: tuple[RatingScale, ...] = ("thumbs", "stars")
 
 
 @dataclass(frozen=True)
@@ -24,7 +28,8 @@ class MetricSpec:
         name: the declared name; counters omit `_total` because `prometheus_client` appends it.
         kind: the Prometheus metric type.
         documentation: the `# HELP` text, which is what a reader of `/metrics` sees.
-        labels: label names; only bounded ones (model, engine, endpoint, status, rating).
+        labels: label names; only bounded ones (model, engine, endpoint, status, scale and
+            rating, the toolkit's version and commit).
         buckets: histogram upper bounds (`+Inf` is implicit); `None` for other kinds.
     """
 
@@ -95,8 +100,14 @@ TOOLKIT_METRICS: tuple[MetricSpec, ...] = (
         ("model", "format", "quantization", "engine"),
     ),
     MetricSpec(
+        "toolkit_build_info", "gauge",
+        "The toolkit build serving: version, git commit (or unknown) and engine; always 1.",
+        ("version", "commit", "engine"),
+    ),
+    MetricSpec(
         "toolkit_feedback", "counter",
-        "Ratings received on /v1/feedback; rating is the raw rating as sent.", ("model", "rating"),
+        "Ratings received on /v1/feedback; scale is thumbs or stars, rating the value as sent.",
+        ("model", "scale", "rating"),
     ),
     MetricSpec(
         "toolkit_feedback_score", "histogram",

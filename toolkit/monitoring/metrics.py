@@ -8,8 +8,6 @@ instance has its own (no global default registry, no duplicate-registration erro
 
 from __future__ import annotations
 
-from typing import Literal
-
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -20,9 +18,15 @@ from prometheus_client import (
     generate_latest,
 )
 
-from toolkit.monitoring.contract import ENDPOINTS, TOOLKIT_METRICS
+from toolkit.build_info import build_commit, toolkit_version
+from toolkit.monitoring.contract import (
+    ENDPOINTS,
+    RATING_SCALES,
+    TOOLKIT_METRICS,
+    RatingScale,
+)
 
-RatingScale = Literal["thumbs", "stars"]
+__all__ = ["GatewayMetrics", "RatingScale", "feedback_score01", "rating_scale"]
 
 
 def feedback_score01(rating: int, scale: RatingScale) -> float:
@@ -38,6 +42,24 @@ def feedback_score01(rating: int, scale: RatingScale) -> float:
     if not 1 <= rating <= 5:
         raise ValueError(f"stars rating {rating} is invalid; send 1 to 5")
     return (rating - 1) / 4
+
+
+def rating_scale(rating: int, score01: float) -> RatingScale:
+    """The scale a valid (rating, normalised score) pair was given on.
+
+    The pair is unambiguous: `rating=1` is a thumbs up with score 1 and one star with
+    score 0, and every other rating belongs to one scale only.
+
+    Raises:
+        ValueError: the pair matches no scale (not a `feedback_score01` result).
+    """
+    for scale in RATING_SCALES:
+        try:
+            if feedback_score01(rating, scale) == score01:
+                return scale
+        except ValueError:
+            continue
+    raise ValueError(f"rating {rating} with score {score01} is on no scale; use feedback_score01()")
 
 
 class GatewayMetrics:
@@ -59,12 +81,14 @@ class GatewayMetrics:
         ProcessCollector(registry=registry)
 
     def set_model_info(self, model: str, format: str, quantization: str, engine: str) -> None:
-        """Publish the served model and create its zero-valued series.
+        """Publish the served model and the build serving it, and create the zero series.
 
         Creating the children up front means `rate()` and the queue alert see the series from
-        the first scrape instead of only after the first request.
+        the first scrape instead of only after the first request. The build is published here
+        because the engine is one of its labels and this is where the gateway names it.
         """
         self._gauges["toolkit_model_info"].labels(model, format, quantization, engine).set(1)
+        self._gauges["toolkit_build_info"].labels(toolkit_version(), build_commit(), engine).set(1)
         for name in ("toolkit_requests_running", "toolkit_requests_waiting"):
             self._gauges[name].labels(model, engine)
         for name in ("toolkit_prompt_tokens", "toolkit_generation_tokens"):
@@ -109,15 +133,27 @@ class GatewayMetrics:
         """Move the queued-requests gauge by `delta` (+1 on enqueue, -1 on dequeue)."""
         self._gauges["toolkit_requests_waiting"].labels(model, engine).inc(delta)
 
-    def feedback(self, model: str, rating: int | str, score01: float) -> None:
-        """Count one rating and observe its normalised score (see `feedback_score01`).
+    def feedback(self, model: str, rating: int, score01: float,
+                 scale: RatingScale | None = None) -> None:
+        """Count one rating on its scale and observe its normalised score.
+
+        Args:
+            model: the served model.
+            rating: the rating as sent.
+            score01: `feedback_score01(rating, scale)`.
+            scale: "thumbs" or "stars"; None derives it from (rating, score01), which is
+                unambiguous (see `rating_scale`).
 
         Raises:
-            ValueError: a score outside 0..1.
+            ValueError: a score outside 0..1, an unknown scale, or a rating not on the scale.
         """
         if not 0.0 <= score01 <= 1.0:
             raise ValueError(f"feedback score {score01} is outside 0..1; use feedback_score01()")
-        self._counters["toolkit_feedback"].labels(model, str(rating)).inc()
+        if scale is None:
+            scale = rating_scale(rating, score01)
+        elif scale not in RATING_SCALES or feedback_score01(rating, scale) != score01:
+            raise ValueError(f"rating {rating} with score {score01} is not on scale {scale!r}")
+        self._counters["toolkit_feedback"].labels(model, scale, str(rating)).inc()
         self._histograms["toolkit_feedback_score"].labels(model).observe(score01)
 
     def render(self) -> tuple[bytes, str]:

@@ -284,6 +284,7 @@ def _train(cfg: TrainConfig, plan: out.OutputPlan, args: Any, hardware: Any, res
     from transformers import set_seed
 
     from toolkit import __version__
+    from toolkit.train.adapter import finish_adapter
     from toolkit.train.cpu_lora import tune_lora_for_cpu
     from toolkit.train.dataset import (
         RowCollator,
@@ -405,6 +406,7 @@ def _train(cfg: TrainConfig, plan: out.OutputPlan, args: Any, hardware: Any, res
     }
     if main:
         manifest["wall_time_s"] = round(time.perf_counter() - started, 2)
+        finish_adapter(plan.work / ADAPTER_DIR, resolved, manifest, plan.target.name)
         write_manifest(plan.work, manifest)
         out.finalize(plan)
         print_summary(console, manifest, str(plan.target))

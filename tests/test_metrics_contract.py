@@ -40,7 +40,7 @@ def drive_everything(metrics: GatewayMetrics) -> None:
     metrics.tokens(M, E, prompt=12, generated=30, per_output_token_s=0.01)
     metrics.running(M, E, 1)
     metrics.waiting(M, E, 1)
-    metrics.feedback(M, 1, 1.0)
+    metrics.feedback(M, 1, "thumbs")
 
 
 def test_exposition_is_exactly_the_contract(metrics: GatewayMetrics) -> None:
@@ -122,7 +122,7 @@ def test_feedback_counts_ratings_per_scale_and_observes_scores(metrics: GatewayM
     ratings: list[tuple[int, RatingScale]] = [(1, "thumbs"), (-1, "thumbs"), (5, "stars"),
                                               (2, "stars"), (1, "stars")]
     for rating, scale in ratings:
-        metrics.feedback(M, rating, feedback_score01(rating, scale), scale)
+        metrics.feedback(M, rating, scale)
     # a thumbs up and a 1-star rating are both rating="1", told apart by scale
     assert value(metrics, "toolkit_feedback_total", model=M, scale="thumbs", rating="1") == 1
     assert value(metrics, "toolkit_feedback_total", model=M, scale="stars", rating="1") == 1
@@ -131,15 +131,6 @@ def test_feedback_counts_ratings_per_scale_and_observes_scores(metrics: GatewayM
     assert value(metrics, "toolkit_feedback_score_sum", model=M) == pytest.approx(2.25)
     assert value(metrics, "toolkit_feedback_score_bucket", model=M, le="0.0") == 2
     assert value(metrics, "toolkit_feedback_score_bucket", model=M, le="0.25") == 3
-
-
-@pytest.mark.parametrize(("rating", "score", "scale"), [
-    (1, 1.0, "thumbs"), (-1, 0.0, "thumbs"), (1, 0.0, "stars"), (4, 0.75, "stars"),
-])
-def test_feedback_without_a_scale_derives_it(metrics: GatewayMetrics, rating: int, score: float,
-                                             scale: str) -> None:
-    metrics.feedback(M, rating, score)
-    assert value(metrics, "toolkit_feedback_total", model=M, scale=scale, rating=str(rating)) == 1
 
 
 def test_build_info_names_version_commit_and_engine(metrics: GatewayMetrics) -> None:
@@ -180,14 +171,10 @@ def test_feedback_score01_rejects_out_of_scale(rating: int, scale: RatingScale) 
 def test_bad_inputs_raise(metrics: GatewayMetrics) -> None:
     with pytest.raises(ValueError, match="endpoint"):
         metrics.request_finished(M, E, "embeddings", 200, 0.1)
-    with pytest.raises(ValueError, match=r"outside 0\.\.1"):
-        metrics.feedback(M, 5, 5.0)
-    with pytest.raises(ValueError, match="on no scale"):
-        metrics.feedback(M, 2, 1.0)
-    with pytest.raises(ValueError, match="not on scale"):
-        metrics.feedback(M, 1, 0.0, "thumbs")  # 1 star's score sent as a thumbs up
+    with pytest.raises(ValueError, match="scale 'likert' is unknown"):
+        metrics.feedback(M, 2, "likert")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="thumbs rating 5 is invalid"):
-        metrics.feedback(M, 5, 1.0, "thumbs")
+        metrics.feedback(M, 5, "thumbs")
 
 
 def test_each_registry_is_independent() -> None:

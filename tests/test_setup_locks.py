@@ -44,7 +44,7 @@ def test_every_pin_is_exact_and_hashed(lock: Path) -> None:
     # a CUDA torch (or what it drags in) must never reach a CPU venv
     assert not [n for n in names if n.startswith("nvidia-")], lock.name
     if "torch" in names:
-        assert dict((n.lower(), v) for n, v in pins)["torch"] == "2.13.0+cpu"
+        assert {n.lower(): v for n, v in pins}["torch"] == "2.13.0+cpu"
 
 
 def test_vllm_lock_leaves_out_the_media_packages_that_break_transformers() -> None:

@@ -32,8 +32,8 @@ def drive(metrics: GatewayMetrics) -> None:
     metrics.tokens(M, E, prompt=20, generated=40, per_output_token_s=0.015)
     metrics.waiting(M, E, 1)
     metrics.running(M, E, 1)
-    metrics.feedback(M, 1, 1.0)
-    metrics.feedback(M, -1, 0.0)
+    metrics.feedback(M, 1, "thumbs")
+    metrics.feedback(M, -1, "thumbs")
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from toolkit.monitoring.contract import (
     RatingScale,
 )
 
-__all__ = ["GatewayMetrics", "RatingScale", "feedback_score01", "rating_scale"]
+__all__ = ["GatewayMetrics", "RatingScale", "feedback_score01"]
 
 
 def feedback_score01(rating: int, scale: RatingScale) -> float:
@@ -42,24 +42,6 @@ def feedback_score01(rating: int, scale: RatingScale) -> float:
     if not 1 <= rating <= 5:
         raise ValueError(f"stars rating {rating} is invalid; send 1 to 5")
     return (rating - 1) / 4
-
-
-def rating_scale(rating: int, score01: float) -> RatingScale:
-    """The scale a valid (rating, normalised score) pair was given on.
-
-    The pair is unambiguous: `rating=1` is a thumbs up with score 1 and one star with
-    score 0, and every other rating belongs to one scale only.
-
-    Raises:
-        ValueError: the pair matches no scale (not a `feedback_score01` result).
-    """
-    for scale in RATING_SCALES:
-        try:
-            if feedback_score01(rating, scale) == score01:
-                return scale
-        except ValueError:
-            continue
-    raise ValueError(f"rating {rating} with score {score01} is on no scale; use feedback_score01()")
 
 
 class GatewayMetrics:
@@ -133,26 +115,17 @@ class GatewayMetrics:
         """Move the queued-requests gauge by `delta` (+1 on enqueue, -1 on dequeue)."""
         self._gauges["toolkit_requests_waiting"].labels(model, engine).inc(delta)
 
-    def feedback(self, model: str, rating: int, score01: float,
-                 scale: RatingScale | None = None) -> None:
+    def feedback(self, model: str, rating: int, scale: RatingScale) -> None:
         """Count one rating on its scale and observe its normalised score.
 
-        Args:
-            model: the served model.
-            rating: the rating as sent.
-            score01: `feedback_score01(rating, scale)`.
-            scale: "thumbs" or "stars"; None derives it from (rating, score01), which is
-                unambiguous (see `rating_scale`).
+        A thumbs up and one star are both `rating="1"`: the `scale` label tells them apart.
 
         Raises:
-            ValueError: a score outside 0..1, an unknown scale, or a rating not on the scale.
+            ValueError: an unknown scale, or a rating not on the scale.
         """
-        if not 0.0 <= score01 <= 1.0:
-            raise ValueError(f"feedback score {score01} is outside 0..1; use feedback_score01()")
-        if scale is None:
-            scale = rating_scale(rating, score01)
-        elif scale not in RATING_SCALES or feedback_score01(rating, scale) != score01:
-            raise ValueError(f"rating {rating} with score {score01} is not on scale {scale!r}")
+        if scale not in RATING_SCALES:
+            raise ValueError(f"feedback scale {scale!r} is unknown; use one of {RATING_SCALES}")
+        score01 = feedback_score01(rating, scale)
         self._counters["toolkit_feedback"].labels(model, scale, str(rating)).inc()
         self._histograms["toolkit_feedback_score"].labels(model).observe(score01)
 

@@ -229,7 +229,7 @@ def _add_routes(app: FastAPI, gateway: Gateway) -> None:
         if stored is None:
             raise OpenAIError(404, f"no completion with id {body.completion_id!r} was served here",
                               param="completion_id", code="completion_not_found")
-        gateway.metrics.feedback(gateway.info.model_name, body.rating, score)
+        gateway.metrics.feedback(gateway.info.model_name, body.rating, scale)
         return {"id": stored.feedback_id, "object": "feedback", "completion_id": body.completion_id,
                 "rating": body.rating, "scale": scale, "score": score,
                 "text_stored": stored.text_stored}

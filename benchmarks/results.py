@@ -115,7 +115,7 @@ def render_export_quality(data: dict[str, Any]) -> str:
 
 def render_train_throughput(data: dict[str, Any]) -> str:
     """Toolkit's trainer against the plain Trainer + peft baselines: tokens/s, RSS, loss."""
-    lines = ["| variant | precision | tokens/s | peak RSS GiB | held-out loss | vs toolkit |",
+    lines = ["| variant | precision | tokens/s | peak RSS GiB | held-out loss | toolkit speed-up |",
              "|---|---|---|---|---|---|"]
     rows = {row["variant"]: row for row in data["rows"]}
     ours = rows["toolkit"]

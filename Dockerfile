@@ -31,7 +31,8 @@ CMD ["--help"]
 
 # --- gpu: vLLM's own image (its CUDA torch and pins), plus the toolkit without dependencies ----
 # The gateway's other imports (fastapi, uvicorn, pydantic, httpx, prometheus-client, numpy,
-# transformers) ship with vLLM; the CLI's own packages come from locks/gateway-gpu.txt.
+# transformers) ship with vLLM; the CLI's own packages and psycopg (the PostgreSQL feedback store
+# of gateway replicas, deploy/) come from locks/gateway-gpu.txt.
 FROM vllm/vllm-openai:v0.12.0 AS gpu
 WORKDIR /opt/toolkit
 ENV TOOLKIT_HOME=/var/lib/toolkit PIP_NO_CACHE_DIR=1

@@ -50,7 +50,7 @@ def test_round_trip_and_metrics(tmp_path):
         assert sample(url, "toolkit_requests_total", endpoint="feedback", status="200") == 1
         rows = live.app.state.gateway.store.feedback_rows()
     assert len(rows) == 1 and rows[0]["correction"].startswith("La dose")
-    assert FeedbackStore(db).journal_mode() == "wal"
+    assert FeedbackStore(db).database.journal_mode() == "wal"
 
 
 def test_streamed_completion_ids_are_recorded(tmp_path):
@@ -112,7 +112,7 @@ def test_without_recording_only_ids_and_ratings_are_kept(tmp_path):
             "completion_id": cid, "rating": 1, "comment": "c", "correction": "x"}).json()
         assert body["text_stored"] is False
     store = FeedbackStore(db)
-    row = store._conn.execute("SELECT * FROM completions WHERE id = ?", (cid,)).fetchone()
+    row = store.completion_row(cid)
     assert row["prompt"] is None and row["answer"] is None
     assert row["metadata"] is None  # free client text: stored only with --record-completions
     (fb,) = store.feedback_rows()
@@ -124,8 +124,7 @@ def test_metadata_is_stored_with_recording(tmp_path):
     db = tmp_path / "fb.db"
     with gateway_on(db, record=True) as live:
         cid = chat(live.base_url, "protocol", metadata={"category": "incident"})["id"]
-    row = FeedbackStore(db)._conn.execute("SELECT metadata FROM completions WHERE id = ?",
-                                          (cid,)).fetchone()
+    row = FeedbackStore(db).completion_row(cid)
     assert json.loads(row["metadata"]) == {"category": "incident"}
 
 

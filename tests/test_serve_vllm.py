@@ -135,6 +135,37 @@ def test_passthrough_and_parallelism_flags(tmp_path):
     assert args[-4:] == ["--max-num-seqs", "8", "--dtype", "float32"]  # extra args come last
 
 
+@pytest.mark.parametrize("tp,pp,ray", [(None, None, None), (4, None, None), (4, 2, "127.0.0.1:6379")])
+def test_multi_gpu_and_multi_node_flags(tmp_path, tp, pp, ray):
+    """The three layouts of deploy/README.md: 1 GPU, TP 4 on one node, PP 2 over Ray."""
+    folder = make_export(tmp_path, "merged", {"dtype": "bf16"})
+    args = args_for(folder, tensor_parallel_size=tp, pipeline_parallel_size=pp, ray_address=ray)
+    assert flag(args, "--tensor-parallel-size") == (str(tp) if tp else None)
+    assert flag(args, "--pipeline-parallel-size") == (str(pp) if pp else None)
+    assert flag(args, "--distributed-executor-backend") == ("ray" if ray else None)
+    env = vllm_env({}, ray_address=ray)
+    assert env.get("RAY_ADDRESS") == ray
+
+
+def test_ray_address_is_for_vllm_only(tmp_path):
+    with pytest.raises(ConfigError, match="ray_address"):
+        ServeSettings(model=str(tmp_path), engine="transformers", ray_address="10.0.0.1:6379")
+
+
+def test_serve_passes_ray_address_through(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from toolkit.cli import app as cli_app
+
+    seen = {}
+    monkeypatch.setattr("toolkit.serve.run_server", lambda settings: seen.update(s=settings))
+    result = CliRunner().invoke(cli_app, [
+        "serve", str(tmp_path), "--engine", "vllm", "--pipeline-parallel-size", "2",
+        "--ray-address", "127.0.0.1:6379"])
+    assert result.exit_code == 0, result.output
+    assert seen["s"].ray_address == "127.0.0.1:6379" and seen["s"].pipeline_parallel_size == 2
+
+
 def test_default_chat_template_for_template_less_models(tmp_path):
     folder = make_export(tmp_path, "merged", {}, template=False)
     args = args_for(folder)

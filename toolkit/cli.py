@@ -158,10 +158,11 @@ def serve(
     max_queue: Annotated[int, typer.Option(help="Requests waiting beyond that; more get 429.")] = 64,
     model_name: Annotated[str | None, typer.Option(help="Name clients use (default: folder name).")] = None,
     record_completions: Annotated[bool, typer.Option(help="Store prompts and answers for feedback (off: medical content).")] = False,
-    feedback_db: Annotated[Path | None, typer.Option(help="SQLite feedback store (default $TOOLKIT_HOME/feedback.db).")] = None,
+    feedback_db: Annotated[str | None, typer.Option(envvar="TOOLKIT_FEEDBACK_DB", help="Feedback store: SQLite file (default $TOOLKIT_HOME/feedback.db) or postgresql:// URL shared by replicas.")] = None,
     vllm_python: Annotated[Path | None, typer.Option(envvar="TOOLKIT_VLLM_PYTHON", help="Python of the venv holding vLLM.")] = None,
     tensor_parallel_size: Annotated[int | None, typer.Option(help="vLLM tensor parallelism.")] = None,
     pipeline_parallel_size: Annotated[int | None, typer.Option(help="vLLM pipeline parallelism.")] = None,
+    ray_address: Annotated[str | None, typer.Option(help="Ray cluster for multi-node vLLM (sets RAY_ADDRESS, Ray executor).")] = None,
     gpu_memory_utilization: Annotated[float | None, typer.Option(help="vLLM GPU memory share.")] = None,
     max_model_len: Annotated[int | None, typer.Option(help="Context length limit.")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads for embedded engines.")] = None,
@@ -181,7 +182,7 @@ def serve(
         max_concurrency=max_concurrency, max_queue=max_queue, model_name=model_name,
         record_completions=record_completions, feedback_db=feedback_db,
         vllm_python=vllm_python, tensor_parallel_size=tensor_parallel_size,
-        pipeline_parallel_size=pipeline_parallel_size,
+        pipeline_parallel_size=pipeline_parallel_size, ray_address=ray_address,
         gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
         threads=threads, max_tokens_default=max_tokens_default, body_timeout_s=body_timeout_s,
         shutdown_timeout_s=shutdown_timeout_s, engine_args=list(ctx.args),
@@ -231,7 +232,7 @@ def feedback_export(
     out: Annotated[Path, typer.Option(help="JSONL to write (training schema).")],
     min_rating: Annotated[float, typer.Option(help="Keep completions rated at least this (normalised 0..1 or raw).")] = 1,
     since: Annotated[str | None, typer.Option(help="Only feedback from this date (YYYY-MM-DD).")] = None,
-    db: Annotated[Path | None, typer.Option(help="SQLite feedback store.")] = None,
+    db: Annotated[str | None, typer.Option(envvar="TOOLKIT_FEEDBACK_DB", help="Feedback store: SQLite file or postgresql:// URL.")] = None,
 ) -> None:
     """Write rated completions (the correction when given) as training examples."""
     from toolkit.feedback import export_feedback

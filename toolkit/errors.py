@@ -25,3 +25,7 @@ class MissingExtraError(ToolkitError):
 
 class UnsupportedHardwareError(ToolkitError):
     """The chosen backend needs hardware this machine lacks (CUDA, AVX512...)."""
+
+
+class StoreError(ToolkitError):
+    """The feedback store cannot be reached, or its schema is newer than this toolkit."""

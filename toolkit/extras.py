@@ -20,6 +20,7 @@ EXTRA_FOR_MODULE: dict[str, str] = {
     "gptqmodel": "gptq",
     "optimum": "gptq",
     "vllm": "vllm",
+    "psycopg": "postgres",
 }
 
 

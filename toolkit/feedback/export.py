@@ -23,6 +23,7 @@ from pathlib import Path
 
 from toolkit.data.schema import CATEGORIES, Example, write_examples
 from toolkit.errors import DataError
+from toolkit.feedback.postgres import is_postgres_url
 from toolkit.feedback.store import FeedbackStore, RatedCompletion
 
 DEFAULT_CATEGORY = "training"
@@ -100,27 +101,29 @@ def to_example(rated: RatedCompletion) -> Example | None:
     )
 
 
-def export_feedback(db: Path | None, min_rating: float, since: str | None, out: Path) -> int:
+def export_feedback(db: Path | str | None, min_rating: float, since: str | None, out: Path) -> int:
     """Write the rated, recorded completions as training JSONL; returns the example count.
 
     Args:
-        db: the feedback store (default `$TOOLKIT_HOME/feedback.db`).
+        db: the feedback store: a SQLite file (default `$TOOLKIT_HOME/feedback.db`) or the
+            `postgresql://` URL the gateway replicas share.
         min_rating: threshold (see the module docstring).
         since: only ratings given on or after this date.
         out: the JSONL to write (replaced atomically; passes `toolkit data validate` when
             non-empty).
 
     Raises:
-        DataError: no store at `db`, or a bad threshold or date.
+        DataError: no SQLite file at `db`, or a bad threshold or date.
+        StoreError: the PostgreSQL server cannot be reached.
     """
     from toolkit.model_source import toolkit_home
 
-    path = Path(db) if db is not None else toolkit_home() / "feedback.db"
-    if not path.is_file():
-        raise DataError(f"{path}: no feedback store; start `toolkit serve` (it creates it) "
+    location = db if db is not None else toolkit_home() / "feedback.db"
+    if not is_postgres_url(location) and not Path(location).is_file():
+        raise DataError(f"{location}: no feedback store; start `toolkit serve` (it creates it) "
                         "or pass --db")
     threshold = score_threshold(min_rating)
-    store = FeedbackStore(path)
+    store = FeedbackStore(location)
     try:
         rated = store.rated_completions(min_score01=threshold, since=parse_since(since))
     finally:

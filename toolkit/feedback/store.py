@@ -1,51 +1,50 @@
 """The feedback store: completion ids the gateway returned, and the ratings clients sent.
 
-SQLite in WAL mode (readers never block the writer; a crash loses no committed row), one
-connection guarded by a lock, so the gateway's worker threads can share one store.
+Two databases behind one class, chosen by `--feedback-db`: a SQLite file (the default,
+`$TOOLKIT_HOME/feedback.db`; `sqlite.py`) for one gateway, or a `postgresql://` URL
+(`postgres.py`) that several gateway replicas share. Both get the same schema from the same
+migrations (`migrations.py`) and the same SQL below; one connection per store, guarded by a
+lock, so the gateway's worker threads can share it.
 
 Privacy: the gateway serves medical content. A completion's prompt and answer are stored only
 when the server runs with `--record-completions`, and so is the request metadata (e.g.
 `{"category": "protocol"}`: free text a client may fill with patient details); otherwise a
 completion row holds only its id, model and time, and feedback on it keeps only the rating and
-ids: a comment or correction, being free text, is dropped too. The database and its WAL/shared
-memory files are readable by their owner only (0600).
+ids: a comment or correction, being free text, is dropped too.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS completions (
-    id        TEXT PRIMARY KEY,
-    model     TEXT NOT NULL,
-    endpoint  TEXT NOT NULL,
-    created   REAL NOT NULL,
-    metadata  TEXT,              -- JSON object or NULL
-    prompt    TEXT,              -- JSON (messages list or prompt string); NULL unless recorded
-    answer    TEXT               -- NULL unless recorded
-);
-CREATE TABLE IF NOT EXISTS feedback (
-    id             INTEGER PRIMARY KEY AUTOINCREMENT,
-    completion_id  TEXT NOT NULL REFERENCES completions(id),
-    rating         INTEGER NOT NULL,
-    scale          TEXT NOT NULL CHECK (scale IN ('thumbs', 'stars')),
-    score01        REAL NOT NULL CHECK (score01 BETWEEN 0 AND 1),
-    comment        TEXT,
-    correction     TEXT,
-    created        REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS feedback_completion ON feedback(completion_id);
-CREATE INDEX IF NOT EXISTS feedback_created ON feedback(created);
-"""
+from toolkit.feedback.migrations import Database, migrate
+from toolkit.feedback.postgres import is_postgres_url, redact
+
+
+def open_database(location: Path | str) -> Database:
+    """The connection for a `--feedback-db` value: a PostgreSQL URL, else a SQLite file path.
+
+    Raises:
+        MissingExtraError: a PostgreSQL URL without the `postgres` extra installed.
+        StoreError: the PostgreSQL server cannot be reached.
+    """
+    if is_postgres_url(location):
+        from toolkit.feedback.postgres import PostgresDatabase
+
+        return PostgresDatabase(str(location))
+    from toolkit.feedback.sqlite import SqliteDatabase
+
+    return SqliteDatabase(Path(location))
+
+
+def describe_location(location: Path | str) -> str:
+    """The store as logs and errors may show it (a URL's password hidden)."""
+    return redact(location) if is_postgres_url(location) else str(location)
 
 
 @dataclass(frozen=True)
@@ -76,59 +75,42 @@ class FeedbackResult:
     text_stored: bool
 
 
-def _owner_only(path: Path) -> None:
-    """Create the database 0600, or tighten an older one, before SQLite opens it.
-
-    SQLite gives the -wal and -shm files it creates the database file's permissions, so
-    fixing the main file covers them; ones left by an earlier, looser run are tightened too.
-    """
-    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
-    for item in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
-        if item.exists() and item.stat().st_mode & 0o077:
-            item.chmod(0o600)
-
-
 class FeedbackStore:
-    """Thread-safe SQLite store of completions and feedback.
+    """Thread-safe store of completions and feedback, on SQLite or PostgreSQL.
+
+    Opening it applies the migrations the database lacks.
 
     Args:
-        path: the database file (created with its folder).
+        location: a SQLite file (created 0600, with its folder) or a `postgresql://` URL.
+
+    Raises:
+        MissingExtraError: a PostgreSQL URL without the `postgres` extra installed.
+        StoreError: the database cannot be reached, or was migrated by a newer toolkit.
     """
 
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        _owner_only(self.path)
+    def __init__(self, location: Path | str) -> None:
+        self.location: Path | str = location if is_postgres_url(location) else Path(location)
         self._lock = threading.RLock()
-        self._conn = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30.0,
-                                     isolation_level=None)
-        self._conn.row_factory = sqlite3.Row
-        with self._lock:
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=NORMAL")
-            self._conn.execute("PRAGMA busy_timeout=30000")
-            self._conn.execute("PRAGMA foreign_keys=ON")
-            self._conn.executescript(_SCHEMA)
-            self._conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        self.database = open_database(self.location)
+        try:
+            migrate(self.database, describe_location(self.location))
+        except BaseException:
+            self.database.close()
+            raise
 
     def close(self) -> None:
-        """Close the connection (checkpointing the WAL)."""
+        """Close the connection (SQLite checkpoints its WAL)."""
         with self._lock:
-            self._conn.close()
-
-    def journal_mode(self) -> str:
-        """The SQLite journal mode ("wal")."""
-        with self._lock:
-            return str(self._conn.execute("PRAGMA journal_mode").fetchone()[0])
+            self.database.close()
 
     def record_completion(self, completion_id: str, model: str, endpoint: str = "chat", *,
                           created: float | None = None, metadata: dict[str, str] | None = None,
                           prompt: Any = None, answer: str | None = None) -> None:
         """Remember a returned completion; pass `prompt`/`answer` only when recording is on."""
         with self._lock:
-            self._conn.execute(
-                "INSERT OR IGNORE INTO completions (id, model, endpoint, created, metadata, "
-                "prompt, answer) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            self.database.execute(
+                "INSERT INTO completions (id, model, endpoint, created, metadata, prompt, answer) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
                 (completion_id, model, endpoint, time.time() if created is None else created,
                  json.dumps(metadata) if metadata else None,
                  json.dumps(prompt, ensure_ascii=False) if prompt is not None else None, answer),
@@ -137,9 +119,8 @@ class FeedbackStore:
     def has_completion(self, completion_id: str) -> bool:
         """Whether the gateway returned this id."""
         with self._lock:
-            row = self._conn.execute("SELECT 1 FROM completions WHERE id = ?",
-                                     (completion_id,)).fetchone()
-        return row is not None
+            rows = self.database.execute("SELECT 1 FROM completions WHERE id = ?", (completion_id,))
+        return bool(rows)
 
     def add_feedback(self, completion_id: str, rating: int, scale: str, score01: float,
                      comment: str | None = None, correction: str | None = None) -> FeedbackResult | None:
@@ -148,30 +129,36 @@ class FeedbackStore:
         The comment and correction are kept only for completions whose text was recorded.
         """
         with self._lock:
-            row = self._conn.execute("SELECT model, answer IS NOT NULL AS recorded FROM "
-                                     "completions WHERE id = ?", (completion_id,)).fetchone()
-            if row is None:
+            rows = self.database.execute("SELECT model, answer IS NOT NULL AS recorded FROM "
+                                         "completions WHERE id = ?", (completion_id,))
+            if not rows:
                 return None
-            keep_text = bool(row["recorded"])
-            cursor = self._conn.execute(
+            keep_text = bool(rows[0]["recorded"])
+            (inserted,) = self.database.execute(
                 "INSERT INTO feedback (completion_id, rating, scale, score01, comment, correction, "
-                "created) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "created) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
                 (completion_id, rating, scale, score01, comment if keep_text else None,
                  correction if keep_text else None, time.time()),
             )
-            return FeedbackResult(int(cursor.lastrowid or 0), str(row["model"]), keep_text)
+            return FeedbackResult(int(inserted["id"]), str(rows[0]["model"]), keep_text)
 
     def count(self, table: str) -> int:
         """Rows in `completions` or `feedback`."""
         if table not in ("completions", "feedback"):
             raise ValueError(f"unknown table {table!r}")
         with self._lock:
-            return int(self._conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
+            return int(self.database.execute(f"SELECT COUNT(*) AS n FROM {table}")[0]["n"])
 
     def feedback_rows(self) -> list[dict[str, Any]]:
         """Every feedback row, oldest first (tests, inspection)."""
         with self._lock:
-            return [dict(r) for r in self._conn.execute("SELECT * FROM feedback ORDER BY id")]
+            return self.database.execute("SELECT * FROM feedback ORDER BY id")
+
+    def completion_row(self, completion_id: str) -> dict[str, Any] | None:
+        """One completion row as stored (tests, inspection: what privacy settings kept)."""
+        with self._lock:
+            rows = self.database.execute("SELECT * FROM completions WHERE id = ?", (completion_id,))
+        return rows[0] if rows else None
 
     def rated_completions(self, min_score01: float | None = None, min_rating: int | None = None,
                           since: float | None = None) -> list[RatedCompletion]:
@@ -199,7 +186,7 @@ class FeedbackStore:
             query += " AND f.created >= ?"
             params.append(since)
         with self._lock:
-            rows = self._conn.execute(query + " ORDER BY f.created, f.id", params).fetchall()
+            rows = self.database.execute(query + " ORDER BY f.created, f.id", params)
         return [
             RatedCompletion(
                 completion_id=r["id"], model=r["model"], endpoint=r["endpoint"],

@@ -7,9 +7,17 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from toolkit.errors import ConfigError
+from toolkit.feedback.postgres import is_postgres_url
 
 DEFAULT_VLLM_MODULE = "vllm.entrypoints.openai.api_server"
 
@@ -51,8 +59,10 @@ class ServeSettings(BaseModel):
         default=False,
         description="Store prompts and answers with each completion id (off: medical content).",
     )
-    feedback_db: Path | None = Field(
-        default=None, description="SQLite feedback store (default $TOOLKIT_HOME/feedback.db)."
+    feedback_db: Path | str | None = Field(
+        default=None,
+        description="Feedback store: a SQLite file (default $TOOLKIT_HOME/feedback.db) or a "
+        "postgresql:// URL that gateway replicas share.",
     )
     vllm_python: Path | None = Field(
         default=None, description="Interpreter of the venv holding vLLM (default: this Python)."
@@ -74,6 +84,11 @@ class ServeSettings(BaseModel):
     threads: int | None = Field(
         default=None, ge=1,
         description="CPU threads of embedded engines (default: all cores but one, at least 1).",
+    )
+    ray_address: str | None = Field(
+        default=None,
+        description="vLLM over a Ray cluster (multi-node pipeline parallelism): the child gets "
+        "RAY_ADDRESS and --distributed-executor-backend ray.",
     )
     engine_args: list[str] = Field(
         default_factory=list, description="Extra arguments passed verbatim to vLLM (after `--`)."
@@ -111,6 +126,14 @@ class ServeSettings(BaseModel):
         except ValidationError as exc:
             raise ConfigError("serve: " + _format_errors(exc)) from None
 
+    @field_validator("feedback_db", mode="before")
+    @classmethod
+    def _store_location(cls, value: Any) -> Any:
+        """A URL stays a string (a Path would fold its `//`); anything else is a file path."""
+        if isinstance(value, str) and not is_postgres_url(value):
+            return Path(value)
+        return value
+
     @model_validator(mode="after")
     def _cross_field(self) -> ServeSettings:
         problems = self._resolve_api_key()
@@ -120,6 +143,9 @@ class ServeSettings(BaseModel):
             problems.append("engine_args: extra `-- ARGS` only pass through to vLLM")
         if self.engine_args and self.engine == EngineChoice.onnxruntime:
             problems.append("engine_args: extra `-- ARGS` only pass through to vLLM")
+        if self.ray_address and self.engine in (EngineChoice.transformers, EngineChoice.onnxruntime):
+            problems.append("ray_address: a Ray cluster only serves the vllm engine; pass "
+                            "--engine vllm")
         if problems:
             raise ValueError("; ".join(problems))
         return self

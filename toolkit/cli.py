@@ -164,6 +164,7 @@ def serve(
     gpu_memory_utilization: Annotated[float | None, typer.Option(help="vLLM GPU memory share.")] = None,
     max_model_len: Annotated[int | None, typer.Option(help="Context length limit.")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads for embedded engines.")] = None,
+    max_body_bytes: Annotated[int, typer.Option(help="Largest request body in bytes; larger ones get 413.")] = 1024 * 1024,
 ) -> None:
     """Serve a model behind an OpenAI-compatible gateway with Prometheus metrics.
 
@@ -178,7 +179,7 @@ def serve(
         vllm_python=vllm_python, tensor_parallel_size=tensor_parallel_size,
         pipeline_parallel_size=pipeline_parallel_size,
         gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-        threads=threads, engine_args=list(ctx.args),
+        threads=threads, max_body_bytes=max_body_bytes, engine_args=list(ctx.args),
     )
     run_server(settings)
 

@@ -86,9 +86,9 @@ class ServeSettings(BaseModel):
     retry_after_s: int = Field(default=1, ge=1, description="Retry-After header on 429 answers.")
     max_body_bytes: int = Field(
         default=1024 * 1024, ge=1024,
-        description="Largest request body; beyond it 413. 1 MiB holds a 128k-token prompt of "
-        "ASCII text, more than any served context, while bounding what one request can make "
-        "the gateway buffer and parse.",
+        description="Largest request body; beyond it 413. 1 MiB holds ~250k tokens of English "
+        "text, far beyond SmolLM2's 8k context, while bounding what one request can make the "
+        "gateway buffer and parse (raise it for long-context models).",
     )
     max_batch: int | None = Field(
         default=None, ge=1, description="Embedded engines: rows decoded together (default: max_concurrency)."

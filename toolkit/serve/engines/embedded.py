@@ -139,8 +139,9 @@ class EmbeddedEngine:
 
         No token covers more characters than the longest vocabulary entry (byte-level entries
         spell one character per byte, SentencePiece ones one per character, byte fallbacks
-        `<0x0A>` more), so `characters / longest` is a lower bound on the prompt's tokens. A
-        20 MB prompt is then refused in microseconds instead of seconds of tokenizer time.
+        `<0x0A>` more), so `characters / longest` is a lower bound on the prompt's tokens (for
+        tokenizers without a normalizer that deletes characters; causal LMs' do not). A
+        too-long prompt is then refused in microseconds instead of seconds of tokenizer time.
 
         Raises:
             OpenAIError: 400 `context_length_exceeded`.

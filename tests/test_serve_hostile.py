@@ -243,6 +243,11 @@ def test_lone_surrogate_is_400(tiny):
     assert_openai_error(post(tiny.base_url, body), 400, param="messages.0.content")
     body = json.dumps({"prompt": "\udfff", "max_tokens": 2}).encode()
     assert_openai_error(post(tiny.base_url, body, "/v1/completions"), 400, param="prompt")
+    # what the byte-level checks must let through: an escaped pair (an emoji), a literal
+    # backslash before "ud800", brackets inside a string
+    for text in ("\U0001F600", "\\ud800", "[{" * 100):
+        body = json.dumps({"prompt": text, "max_tokens": 2}).encode()
+        assert post(tiny.base_url, body, "/v1/completions").status_code == 200, text
 
 
 # item 10: parameters accepted but not honoured; strict integers; top_p 0

@@ -127,7 +127,7 @@ BAD_REQUESTS = [
     (json.dumps({**CHAT, "model": "gpt-9"}).encode(), 404, "model"),
     (json.dumps({**CHAT, "temperature": 3}).encode(), 400, "temperature"),
     (json.dumps({**CHAT, "temperature": "hot"}).encode(), 400, "temperature"),
-    (json.dumps({**CHAT, "top_p": 0}).encode(), 400, "top_p"),
+    (json.dumps({**CHAT, "top_p": -0.1}).encode(), 400, "top_p"),
     (json.dumps({**CHAT, "max_tokens": 0}).encode(), 400, "max_tokens"),
     (json.dumps({**CHAT, "max_tokens": 10_000}).encode(), 400, "max_tokens"),
     (json.dumps({**CHAT, "n": 2}).encode(), 400, "n"),

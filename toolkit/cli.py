@@ -169,6 +169,7 @@ def serve(
     max_tokens_default: Annotated[int, typer.Option(help="Completion tokens when a request sets no max_tokens (embedded engines).")] = 1024,
     body_timeout_s: Annotated[float, typer.Option(help="Seconds a client may take to upload its body; then 408.")] = 30.0,
     shutdown_timeout_s: Annotated[float, typer.Option(help="On SIGTERM, seconds in-flight requests may finish; then they get an error.")] = 30.0,
+    max_body_bytes: Annotated[int, typer.Option(help="Largest request body in bytes; larger ones get 413.")] = 1024 * 1024,
 ) -> None:
     """Serve a model behind an OpenAI-compatible gateway with Prometheus metrics.
 
@@ -185,7 +186,8 @@ def serve(
         pipeline_parallel_size=pipeline_parallel_size, ray_address=ray_address,
         gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
         threads=threads, max_tokens_default=max_tokens_default, body_timeout_s=body_timeout_s,
-        shutdown_timeout_s=shutdown_timeout_s, engine_args=list(ctx.args),
+        shutdown_timeout_s=shutdown_timeout_s, max_body_bytes=max_body_bytes,
+        engine_args=list(ctx.args),
     )
     run_server(settings)
 

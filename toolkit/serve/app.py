@@ -177,8 +177,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error on %s", request.url.path)
+        # uvicorn drops the connection after an unhandled error; saying so keeps a keep-alive
+        # client from sending its next request into a closed socket
         return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error"),
-                            status_code=500)
+                            status_code=500, headers={"Connection": "close"})
 
 
 def _check_key(gateway: Gateway, request: Request) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -16,6 +15,7 @@ from pydantic import BaseModel, ValidationError
 from toolkit.feedback.store import FeedbackStore
 from toolkit.monitoring.metrics import GatewayMetrics
 from toolkit.serve.admission import Admission
+from toolkit.serve.body import load_json, read_body
 from toolkit.serve.engines.base import Engine, EngineInfo
 from toolkit.serve.protocol import OpenAIError
 from toolkit.serve.settings import ServeSettings
@@ -78,14 +78,15 @@ class Gateway:
 async def parse_body(request: Request, model: type[M], gateway: Gateway) -> tuple[dict[str, Any], M]:
     """The raw JSON object and its validated model.
 
+    The JSON is decoded and checked in a worker thread: a body near the size limit made of
+    many small values takes tens of milliseconds to walk, which must not stall other requests.
+
     Raises:
-        OpenAIError: 400 for malformed JSON or invalid fields, 404 for an unknown model.
+        OpenAIError: 413 for a body over `max_body_bytes`, 400 for malformed JSON or invalid
+            fields, 404 for an unknown model.
     """
-    body = await request.body()
-    try:
-        raw = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise OpenAIError(400, f"the request body is not valid JSON: {exc}") from None
+    body = await read_body(request, gateway.settings.max_body_bytes)
+    raw = await asyncio.to_thread(load_json, body)
     if not isinstance(raw, dict):
         raise OpenAIError(400, "the request body must be a JSON object")
     try:

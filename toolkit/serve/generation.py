@@ -10,8 +10,8 @@ as a 5xx.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -43,7 +43,6 @@ from toolkit.serve.protocol import (
     usage_chunk,
 )
 
-log = logging.getLogger("toolkit.serve")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -61,8 +60,14 @@ class GuardedStream(StreamingResponse):
             self._slot.release()
 
 
-def to_generation_request(req: ChatCompletionRequest | CompletionRequest) -> GenerationRequest:
-    """The engine-facing request (OpenAI defaults: temperature 1, top_p 1)."""
+def to_generation_request(req: ChatCompletionRequest | CompletionRequest,
+                          engine: str) -> GenerationRequest:
+    """The engine-facing request (OpenAI defaults: temperature 1, top_p 1).
+
+    Raises:
+        OpenAIError: 400 for a parameter `engine` cannot honour (logprobs, tools...).
+    """
+    req.check_honoured(engine)
     sampling = SamplingParams(
         max_tokens=req.token_limit(),
         temperature=1.0 if req.temperature is None else req.temperature,
@@ -110,13 +115,20 @@ async def handle_generation(gateway: Gateway, request: Request, endpoint: str) -
     if not engine.ready():
         raise OpenAIError(503, "the engine is not ready yet; retry shortly", type="server_error",
                           code="engine_not_ready", headers={"Retry-After": "5"})
-    prepared = engine.prepare(to_generation_request(req))
+    generation = to_generation_request(req, gateway.info.engine)
+    slot = await gateway.admission.acquire()
+    try:
+        # tokenized off the event loop and while holding a slot: a long prompt delays nobody
+        # else, and a flood of them queues and gets 429 like any other load
+        prepared = await asyncio.to_thread(engine.prepare, generation)
+    except BaseException:
+        slot.release()
+        raise
     if req.token_limit() is None:  # the engine resolved "the rest of the context"; cap it
         prepared.max_tokens = min(prepared.max_tokens, gateway.settings.max_tokens_default)
     cid = new_completion_id("chat" if endpoint == "chat" else "completion")
     created = now()
     prompt = prepared.request.messages if endpoint == "chat" else prepared.request.prompt
-    slot = await gateway.admission.acquire()
     if req.stream:
         body = _stream(gateway, engine, prepared, endpoint, cid, created, started, req, prompt,
                        slot, request.scope)

@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StrictInt,
@@ -20,7 +22,46 @@ from pydantic import (
     model_validator,
 )
 
+#: OpenAI's limit on stop sequences
 MAX_STOP_STRINGS = 4
+#: Longest stop string in characters. Real stops are short ("\n\n", "</answer>", a sentence);
+#: matching is linear in it, but each one is held back from a stream until it is ruled out and
+#: costs its length in setup per request, so it is bounded well above any real use.
+MAX_STOP_CHARS = 1000
+
+
+def _no_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("Input should be a number, not a boolean")  # noqa: TRY004 - pydantic reports only ValueError as a field error
+    return value
+
+
+#: a float that refuses `true`/`false` (pydantic would read them as 1.0 and 0.0)
+Number = Annotated[float, BeforeValidator(_no_bool)]
+
+
+def _absent(value: Any) -> bool:
+    return value is None or value is False
+
+
+#: parameters the embedded engines do not implement -> the values that ask for nothing; any
+#: other value gets a 400 rather than an answer silently without the feature (vLLM honours
+#: them all, so the proxy path forwards them)
+UNHONOURED: dict[str, Callable[[Any], bool]] = {
+    "echo": _absent,
+    "logprobs": _absent,
+    "top_logprobs": lambda v: v is None or v == 0,
+    "tools": lambda v: v is None or v == [],
+    "tool_choice": lambda v: v is None or v == "none",
+    "functions": lambda v: v is None or v == [],
+    "function_call": lambda v: v is None or v == "none",
+    "response_format": lambda v: v is None or v == {"type": "text"},
+    "logit_bias": lambda v: v is None or v == {},
+    "presence_penalty": lambda v: v is None or v == 0,
+    "frequency_penalty": lambda v: v is None or v == 0,
+    "suffix": lambda v: v is None or v == "",
+    "best_of": lambda v: v is None or v == 1,
+}
 
 
 class OpenAIError(Exception):
@@ -89,16 +130,16 @@ class _GenerationFields(BaseModel):
     model_config = ConfigDict(extra="allow", protected_namespaces=())
 
     model: str | None = Field(default=None, description="Served model id (see /v1/models).")
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: Number | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: Number | None = Field(default=None, ge=0.0, le=1.0, description="0 means greedy.")
+    max_tokens: StrictInt | None = Field(default=None, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: StrictInt | None = Field(default=None, ge=0, description="numpy seeds are >= 0.")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(default=1, ge=1, le=1, description="Only one choice per request is served.")
-    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    n: StrictInt = Field(default=1, ge=1, le=1, description="Only one choice per request is served.")
+    presence_penalty: Number | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: Number | None = Field(default=None, ge=-2.0, le=2.0)
     user: str | None = None
     metadata: dict[str, str] | None = Field(
         default=None, description="Request tags (e.g. category) stored with the completion id."
@@ -112,6 +153,8 @@ class _GenerationFields(BaseModel):
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
         if any(not item for item in items):
             raise ValueError("stop strings must be non-empty")
+        if any(len(item) > MAX_STOP_CHARS for item in items):
+            raise ValueError(f"stop strings must have at most {MAX_STOP_CHARS} characters")
         return value
 
     @field_validator("metadata")
@@ -130,6 +173,19 @@ class _GenerationFields(BaseModel):
         """Whether a streamed answer ends with a usage chunk."""
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    def check_honoured(self, engine: str) -> None:
+        """Refuse a parameter the embedded `engine` would silently ignore.
+
+        Raises:
+            OpenAIError: 400 `unsupported_parameter` naming the first such parameter.
+        """
+        sent = self.model_fields_set | set(self.model_extra or {})
+        for name, harmless in UNHONOURED.items():
+            if name in sent and not harmless(getattr(self, name)):
+                raise OpenAIError(400, f"{name}: the {engine} engine does not support this "
+                                  f"parameter; remove it (or serve with --engine vllm)",
+                                  param=name, code="unsupported_parameter")
+
 
 class ChatCompletionRequest(_GenerationFields):
     """`POST /v1/chat/completions`."""
@@ -146,7 +202,6 @@ class CompletionRequest(_GenerationFields):
     """`POST /v1/completions` (one prompt string)."""
 
     prompt: str | list[str]
-    echo: bool = False
 
     @field_validator("prompt")
     @classmethod

@@ -116,6 +116,12 @@ class ServeSettings(BaseModel):
         default=3, ge=0, description="vLLM child restarts after a crash before the gateway gives up."
     )
     retry_after_s: int = Field(default=1, ge=1, description="Retry-After header on 429 answers.")
+    max_body_bytes: int = Field(
+        default=1024 * 1024, ge=1024,
+        description="Largest request body; beyond it 413. 1 MiB holds ~250k tokens of English "
+        "text, far beyond SmolLM2's 8k context, while bounding what one request can make the "
+        "gateway buffer and parse (raise it for long-context models).",
+    )
     max_batch: int | None = Field(
         default=None, ge=1, description="Embedded engines: rows decoded together (default: max_concurrency)."
     )

@@ -98,6 +98,9 @@ class GeneratingEngine(Engine, Protocol):
     def prepare(self, request: GenerationRequest) -> PreparedRequest:
         """Render and tokenize the prompt and resolve `max_tokens`.
 
+        The gateway calls it in a worker thread while the request holds an admission slot
+        (tokenizing a long prompt takes seconds), so it must be thread-safe.
+
         Raises:
             OpenAIError: 400 when the prompt plus `max_tokens` exceeds the context length.
         """

@@ -61,6 +61,7 @@ class EmbeddedEngine:
         self.tokenizer: Any = None
         self.scheduler: BatchScheduler | None = None
         self._error: str | None = None
+        self._longest_token = 1
 
     async def start(self) -> None:
         """Load the model in a worker thread, then start the decode loop."""
@@ -70,6 +71,7 @@ class EmbeddedEngine:
             self._error = f"{type(exc).__name__}: {exc}"
             raise
         self.tokenizer = tokenizer
+        self._longest_token = max(map(len, tokenizer.get_vocab()), default=1)
         self.scheduler = BatchScheduler(
             backend, self._decode, eos, self._max_batch, name=self.info.engine,
             on_thread_start=self._on_thread_start,
@@ -117,6 +119,7 @@ class EmbeddedEngine:
         if self.tokenizer is None:
             raise OpenAIError(503, "the engine is still loading", type="server_error",
                               code="engine_not_ready")
+        self._check_length_bound(request)
         ids = self.render(request)
         if not ids:
             raise OpenAIError(400, "the prompt is empty", param="prompt")
@@ -130,6 +133,30 @@ class EmbeddedEngine:
             raise OpenAIError(400, context_error_message(limit, len(ids), wanted),
                               param="max_tokens", code="context_length_exceeded")
         return PreparedRequest(request, ids, wanted if wanted is not None else limit - len(ids))
+
+    def _check_length_bound(self, request: GenerationRequest) -> None:
+        """Refuse a prompt that cannot fit the context without tokenizing it.
+
+        No token covers more characters than the longest vocabulary entry (byte-level entries
+        spell one character per byte, SentencePiece ones one per character, byte fallbacks
+        `<0x0A>` more), so `characters / longest` is a lower bound on the prompt's tokens (for
+        tokenizers without a normalizer that deletes characters; causal LMs' do not). A
+        too-long prompt is then refused in microseconds instead of seconds of tokenizer time.
+
+        Raises:
+            OpenAIError: 400 `context_length_exceeded`.
+        """
+        if request.messages is not None:
+            chars, param = sum(len(m["content"]) for m in request.messages), "messages"
+        else:
+            chars, param = len(request.prompt or ""), "prompt"
+        at_least = chars // self._longest_token
+        limit = self.info.max_model_len
+        if at_least >= limit:
+            raise OpenAIError(
+                400, f"This model's maximum context length is {limit} tokens. However, you "
+                f"sent {chars} characters in `{param}`, at least {at_least} tokens. Please "
+                "reduce the length of the messages.", param=param, code="context_length_exceeded")
 
     async def generate(self, prepared: PreparedRequest) -> AsyncIterator[GenerationChunk]:
         """Stream the request's chunks from the decode thread; closing cancels it."""

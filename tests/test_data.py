@@ -95,6 +95,6 @@ def test_validate_ok_and_empty(tmp_path: Path) -> None:
 
 def test_missing_file_is_one_line(tmp_path: Path) -> None:
     result = runner.invoke(app, ["data", "validate", str(tmp_path / "nope.jsonl")])
-    assert result.exit_code == 2 and "no such data file" in result.output
+    assert result.exit_code == 1 and "no such data file" in result.output
     with pytest.raises(DataError, match="toolkit data validate"):
         load_examples(_write(tmp_path, ["{"]))

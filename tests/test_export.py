@@ -168,7 +168,7 @@ def test_nothing_producible_fails_up_front(monkeypatch: pytest.MonkeyPatch, tiny
     out = tmp_path / "exports"
     result = runner.invoke(app, ["export", str(tiny_run), "--quantize", "bnb-nf4",
                                  "--quantize", "gptq-int4", "--out", str(out)])
-    assert result.exit_code == 2, result.output
+    assert result.exit_code == 1, result.output
     assert "toolkit[bnb]" in result.output and "toolkit[gptq]" in result.output
     assert not out.exists()
 
@@ -180,7 +180,7 @@ def test_refuses_existing_folder_without_overwrite(exported: Any, tiny_run: Path
         run_export(tiny_run, ["merged"], out=out)
     result = runner.invoke(app, ["export", str(tiny_run), "--quantize", "merged",
                                  "--out", str(out)])
-    assert result.exit_code == 2 and "--overwrite" in result.output
+    assert result.exit_code == 1 and "--overwrite" in result.output
     assert (out / "merged" / "export_report.json").read_text() == before
 
 

@@ -52,9 +52,16 @@ def test_records_before_attach_and_library_handlers(tmp_path: Path,
             late.propagate = False
             logs.attach(tmp_path / "export.log")
             late.warning("late chatter")
+            latest = logging.getLogger("latestlib")  # imported mid-stage, like torch._logging
+            latest_handler = logging.StreamHandler(sys.stderr)
+            latest.addHandler(latest_handler)
+            latest.propagate = False
+            logging.getLogger("otherlib").info("any record reaching the file")  # sweeps again
+            latest.warning("latest chatter")
         assert capsys.readouterr().err == ""
         text = (tmp_path / "export.log").read_text()
-        assert "early chatter" in text and "late chatter" in text
+        assert "early chatter" in text and "late chatter" in text and "latest chatter" in text
+        assert latest_handler in latest.handlers and latest.propagate is False
         # everything is put back afterwards
         assert own in noisy.handlers and noisy.propagate is False
         assert late_handler in late.handlers and late.propagate is False

@@ -6,8 +6,8 @@ While a stage runs, `route_logs` sends Python logging (every logger, including t
 gave console handlers of their own) and `warnings` to the stage's log file; on the console
 stay toolkit's own warnings, or everything with `--verbose`. Records that arrive before the
 stage's folder exists are kept and written once it is attached. A library that installs its
-console handler after the stage started (transformers does on first use) is caught when the
-file is attached, which the stages do after loading the tokenizer.
+console handler after the stage started (torch and transformers do on import) is caught at the
+next record that reaches the file after new loggers appeared, and when the file is attached.
 
 Not routed: bytes a C extension or a library writes straight to stdout/stderr (gptqmodel's
 progress bars print); children toolkit starts capture their output and log it (the ONNX
@@ -48,12 +48,20 @@ class RoutedLogs(logging.Handler):
         self._stream: IO[str] | None = None
         self._pending: deque[str] = deque(maxlen=PENDING_LINES)
         self._muted: list[tuple[logging.Logger, logging.Handler, bool]] = []
+        self._loggers_seen = 0
 
-    def mute_console_handlers(self) -> None:
+    def mute_console_handlers(self, include_root: bool = True) -> None:
         """Detach the terminal handlers of every logger; their records reach the file
-        through the root instead (`unmute` puts them back)."""
+        through the root instead (`unmute` puts them back).
+
+        Args:
+            include_root: False while the root is dispatching a record (its handler list
+                must not change under it).
+        """
+        root = logging.getLogger()
+        self._loggers_seen = len(logging.Logger.manager.loggerDict)
         for logger, handler in _console_handlers():
-            if handler is self.console:
+            if handler is self.console or (logger is root and not include_root):
                 continue
             self._muted.append((logger, handler, logger.propagate))
             logger.removeHandler(handler)
@@ -81,6 +89,8 @@ class RoutedLogs(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
+            if len(logging.Logger.manager.loggerDict) != self._loggers_seen:
+                self.mute_console_handlers(include_root=False)  # a library was imported
             line = self.format(record)
             if self._stream is None:
                 self._pending.append(line)

@@ -12,7 +12,7 @@ port=${TOOLKIT_DEMO_PORT:-8000}
 tk=.venv/bin/toolkit
 
 $tk data stats data/train.jsonl
-$tk train --config configs/model/smollm2-135m.yaml --output "$run" --overwrite
+$tk train configs/model/smollm2-135m.yaml --output "$run" --overwrite
 $tk export "$run" --quantize merged --quantize onnx --quantize onnx-int8 \
   --quantize bnb-int8 --quantize bnb-nf4 --quantize gptq-int4 --overwrite || \
   echo "demo: some formats were skipped on this machine (see the table above)"

@@ -50,7 +50,7 @@ def test_compare_two_variants(tmp_path: Path, tiny_model_dir: Path, second_model
         assert (out / chart).read_bytes()[:8] == PNG_MAGIC
 
     again = CliRunner().invoke(app, ["compare", str(tiny_model_dir), "--out", str(out)])
-    assert again.exit_code == 2 and "--overwrite" in again.output
+    assert again.exit_code == 1 and "--overwrite" in again.output
 
 
 def test_compare_bad_data_fails_before_loading(tmp_path: Path, tiny_model_dir: Path) -> None:
@@ -58,5 +58,5 @@ def test_compare_bad_data_fails_before_loading(tmp_path: Path, tiny_model_dir: P
     bad.write_text("{}\n")
     result = CliRunner().invoke(app, ["compare", str(tiny_model_dir), "--data", str(bad),
                                       "--out", str(tmp_path / "r")])
-    assert result.exit_code == 2 and "toolkit data validate" in result.output
+    assert result.exit_code == 1 and "toolkit data validate" in result.output
     assert not (tmp_path / "r").exists()

@@ -54,7 +54,7 @@ def test_bad_config_lists_every_field(tmp_path: Path) -> None:
         "training: {batch_size: 4, learning_rate: 1.0e-4, epochs: 1, precision: fp64, bogus: 1}\n"
     )
     result = runner.invoke(app, ["validate", str(bad)])
-    assert result.exit_code == 2
+    assert result.exit_code == 1
     message = result.output
     assert str(bad) in message
     assert "lora.r" in message and "training.bogus" in message
@@ -83,3 +83,26 @@ def test_qlora_needs_half_precision(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="QLoRA"):
         load_config(Path("configs/model/smollm2-135m.yaml"),
                     ["training.quantization=nf4", "training.precision=fp32"])
+
+
+@pytest.mark.parametrize(("override", "hint"), [
+    ("lora.rank=4", "lora.rank: unknown field (did you mean 'r'?)"),
+    ("training.epoch=1", "training.epoch: unknown field (did you mean 'epochs'?)"),
+    ("trainig.epochs=1", "trainig: unknown field (did you mean 'training'?)"),
+    ("training.zzz=1", "training.zzz: unknown field (check the spelling)"),
+])
+def test_unknown_key_suggests_the_field(override: str, hint: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(Path("configs/model/smollm2-135m.yaml"), [override])
+    assert hint in str(info.value)
+
+
+def test_config_with_bom_or_latin1(tmp_path: Path) -> None:
+    text = Path("configs/model/smollm2-135m.yaml").read_text(encoding="utf-8")
+    bom = tmp_path / "bom.yaml"
+    bom.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert load_config(bom).lora.r == 8
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(b"# r\xe9glages\n" + text.encode())
+    with pytest.raises(ConfigError, match=r"latin.yaml: line 1: not UTF-8 \(save as UTF-8\)"):
+        load_config(latin)

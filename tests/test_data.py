@@ -95,6 +95,33 @@ def test_validate_ok_and_empty(tmp_path: Path) -> None:
 
 def test_missing_file_is_one_line(tmp_path: Path) -> None:
     result = runner.invoke(app, ["data", "validate", str(tmp_path / "nope.jsonl")])
-    assert result.exit_code == 2 and "no such data file" in result.output
+    assert result.exit_code == 1 and "no such data file" in result.output
     with pytest.raises(DataError, match="toolkit data validate"):
         load_examples(_write(tmp_path, ["{"]))
+
+
+def test_bom_and_windows_line_ends_are_fine(tmp_path: Path) -> None:
+    path = tmp_path / "excel.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD).encode() + b"\r\n")
+    examples, issues = validate_file(path)
+    assert not issues and examples[0].id == "a"
+
+
+def test_non_utf8_line_names_the_line_and_the_fix(tmp_path: Path) -> None:
+    path = tmp_path / "notepad.jsonl"
+    second = json.dumps({**GOOD, "id": "b", "output": "Réponse."}, ensure_ascii=False)
+    path.write_bytes((json.dumps(GOOD) + "\n" + second + "\n").encode("cp1252"))
+    result = runner.invoke(app, ["data", "validate", str(path)])
+    assert result.exit_code == 1
+    assert "line 2: not UTF-8 (save as UTF-8)" in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(("field", "value", "hint"), [
+    ("language", "FR", "did you mean 'fr'?"), ("category", "Protocol", "did you mean 'protocol'?"),
+    ("category", "incidents", "did you mean 'incident'?"),
+])
+def test_bad_label_suggests_the_valid_one(tmp_path: Path, field: str, value: str,
+                                          hint: str) -> None:
+    _, issues = validate_file(_write(tmp_path, [json.dumps({**GOOD, field: value})]))
+    assert hint in str(issues[0])

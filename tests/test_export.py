@@ -168,7 +168,7 @@ def test_nothing_producible_fails_up_front(monkeypatch: pytest.MonkeyPatch, tiny
     out = tmp_path / "exports"
     result = runner.invoke(app, ["export", str(tiny_run), "--quantize", "bnb-nf4",
                                  "--quantize", "gptq-int4", "--out", str(out)])
-    assert result.exit_code == 2, result.output
+    assert result.exit_code == 1, result.output
     assert "toolkit[bnb]" in result.output and "toolkit[gptq]" in result.output
     assert not out.exists()
 
@@ -180,7 +180,7 @@ def test_refuses_existing_folder_without_overwrite(exported: Any, tiny_run: Path
         run_export(tiny_run, ["merged"], out=out)
     result = runner.invoke(app, ["export", str(tiny_run), "--quantize", "merged",
                                  "--out", str(out)])
-    assert result.exit_code == 2 and "--overwrite" in result.output
+    assert result.exit_code == 1 and "--overwrite" in result.output
     assert (out / "merged" / "export_report.json").read_text() == before
 
 
@@ -271,6 +271,7 @@ def test_format_round_trips_with_a_complete_report(exported: Any, fmt: ExportFor
     assert report["eval_data"]["by_language"] == {"en": 3, "fr": 3}
     assert "## Evaluation" in (folder / "README.md").read_text()
     assert not [p for p in exported.out.iterdir() if p.name.startswith(".")]
+    assert (exported.out / "export.log").is_file()  # third-party chatter, not the console
     # reload through the shared loader and generate
     loaded = load_export(folder)
     assert loaded.format is fmt and loaded.report["format"] == fmt.value
@@ -463,7 +464,8 @@ def test_failed_export_leaves_no_folder_and_the_old_one_intact(
         assert not result.complete
         assert result.outcome("bnb-int8").status == "failed"
         assert "simulated failure" in result.outcome("bnb-int8").reason
-    assert sorted(p.name for p in out.iterdir()) == ["bnb-int8", "merged"]
+    # the log of the failed attempt stays beside the format folders (toolkit.logs)
+    assert sorted(p.name for p in out.iterdir()) == ["bnb-int8", "export.log", "merged"]
     assert {p.name: p.read_bytes() for p in (out / "bnb-int8").iterdir()} == old
 
 

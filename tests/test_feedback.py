@@ -236,7 +236,7 @@ def test_export_cli_output_passes_data_validate(tmp_path):
     assert result.exit_code == 0, result.output
     result = runner.invoke(cli_app, ["feedback", "export", "--db", str(tmp_path / "none.db"),
                                      "--out", str(out)])
-    assert result.exit_code == 2 and "no feedback store" in result.output
+    assert result.exit_code == 1 and "no feedback store" in result.output
     result = runner.invoke(cli_app, ["feedback", "export", "--db", str(db), "--since", "yesterday",
                                      "--out", str(out)])
-    assert result.exit_code == 2 and "--since" in result.output
+    assert result.exit_code == 1 and "--since" in result.output

@@ -37,7 +37,7 @@ def test_bad_engine_is_a_one_line_error(tiny_model_dir):
 
 def test_missing_model_is_a_one_line_error(tmp_path):
     result = CliRunner().invoke(app, ["serve", str(tmp_path / "nothing"), "--engine", "transformers"])
-    assert result.exit_code == 2 and "nothing" in result.output
+    assert result.exit_code == 1 and "nothing" in result.output
 
 
 def test_settings_collect_every_problem():
@@ -51,7 +51,7 @@ def test_settings_collect_every_problem():
 def test_extra_args_only_for_vllm(tiny_model_dir):
     result = CliRunner().invoke(app, ["serve", str(tiny_model_dir), "--engine", "transformers",
                                       "--", "--enforce-eager"])
-    assert result.exit_code == 2 and "only pass through to vLLM" in result.output
+    assert result.exit_code == 1 and "only pass through to vLLM" in result.output
 
 
 def _free_port() -> int:
@@ -109,7 +109,7 @@ def test_sigterm_finishes_in_flight_stream_then_exits(tiny_model_dir, tmp_path):
 
 def test_empty_api_key_is_a_one_line_error(tiny_model_dir):
     result = CliRunner().invoke(app, ["serve", str(tiny_model_dir), "--api-key", ""])
-    assert result.exit_code == 2
+    assert result.exit_code == 1
     assert "--api-key" in result.output and len(result.output.strip().splitlines()) == 1
     with pytest.raises(ConfigError, match="api_key"):
         ServeSettings(model="m", api_key="  ")
@@ -134,7 +134,7 @@ def test_bad_api_key_file_names_the_option(tmp_path, content, problem):
     if content is not None:
         key_file.write_text(content)
     result = CliRunner().invoke(app, ["serve", "m", "--api-key-file", str(key_file)])
-    assert result.exit_code == 2 and "api_key_file" in result.output and problem in result.output
+    assert result.exit_code == 1 and "api_key_file" in result.output and problem in result.output
 
 
 def test_api_key_given_twice_is_an_error(tmp_path):

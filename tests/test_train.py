@@ -274,7 +274,7 @@ def test_qlora_without_cuda_fails_before_loading(tiny_model_dir: Path,
         resolve_hardware(cfg)
 
 
-# --- bad input through the CLI: one line, exit 2, nothing written -------------------------
+# --- bad input through the CLI: one line, exit 1, nothing written -------------------------
 
 def _bad_runs(tmp_path: Path, model_dir: Path, data: tuple[Path, Path]) -> dict[str, tuple]:
     empty = tmp_path / "empty.jsonl"
@@ -302,14 +302,14 @@ def _bad_runs(tmp_path: Path, model_dir: Path, data: tuple[Path, Path]) -> dict[
 @pytest.mark.parametrize("case", ["missing data", "empty data", "invalid data", "output exists",
                                   "unknown target", "qlora on cpu", "seq len", "resume nothing",
                                   "bad override"])
-def test_bad_input_is_one_line_exit_2_nothing_written(
+def test_bad_input_is_one_line_exit_1_nothing_written(
         case: str, tmp_path: Path, tiny_model_dir: Path, train_data: tuple[Path, Path]) -> None:
     args, expected = _bad_runs(tmp_path, tiny_model_dir, train_data)[case]
     output = tmp_path / "runs" / "new"
     if "--output" not in args:
         args = args + ["--output", str(output)]
     result = runner.invoke(app, args)
-    assert result.exit_code == 2, result.output
+    assert result.exit_code == 1, result.output
     lines = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and expected in result.output, result.output
     assert "Traceback" not in result.output

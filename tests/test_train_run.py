@@ -26,6 +26,10 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path,
     return run_training(cfg, tmp_path_factory.mktemp("runs") / "tiny")
 
 
+def test_third_party_output_is_in_the_run_log(finished_run: Any) -> None:
+    assert (finished_run.run_dir / "train.log").is_file()
+
+
 def test_loss_decreases(finished_run: Any) -> None:
     epochs = finished_run.manifest["metrics"]["epochs"]
     assert [e["epoch"] for e in epochs] == [1.0, 2.0, 3.0]

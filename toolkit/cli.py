@@ -1,7 +1,9 @@
 """The `toolkit` command line: thin wrappers that parse flags and call a stage's function.
 
 Heavy imports (torch, transformers, engines) happen inside the commands so `toolkit --help`
-stays instant. A `ToolkitError` becomes one line on stderr and exit code 2.
+stays instant. Exit codes: 2 for a usage error (unknown option, bad choice, missing
+argument: click's own), 1 for everything else, including a `ToolkitError`, which becomes
+one line on stderr instead of a traceback.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+
+from toolkit.export.registry import ExportFormat, MergeDtype
+from toolkit.serve.settings import EngineChoice, ServeSettings
 
 app = typer.Typer(
     help="LoRA fine-tune -> quantize -> serve -> monitor, for open causal LMs.",
@@ -31,10 +36,16 @@ app.add_typer(feedback_app, name="feedback")
 console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
+DASHBOARD = "monitoring/grafana/dashboards/toolkit.json"
+VERBOSE_HELP = "Also show third-party library output on the console (it always goes to the log file)."
 
 
 def user_errors(func: F) -> F:
-    """Print a `ToolkitError` as one line and exit 2 instead of showing a traceback."""
+    """Print a `ToolkitError` as one line and exit 1 instead of showing a traceback.
+
+    Exit 1, not 2: 2 is what click answers for a command line it cannot parse, and scripts
+    tell "fix how you call it" from "fix the config, data or machine" by that code.
+    """
 
     @wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -48,9 +59,25 @@ def user_errors(func: F) -> F:
             # The message is plain text: escape it so "pip install 'toolkit[bnb]'" stays intact.
             err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False,
                               soft_wrap=True)
-            raise typer.Exit(2) from None
+            raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from toolkit import __version__
+
+        console.print(f"toolkit {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _toolkit(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """LoRA fine-tune -> quantize -> serve -> monitor, for open causal LMs."""
 
 
 @app.command()
@@ -93,103 +120,158 @@ def data_stats(
     print_stats(path, model, console)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def split_train_args(config: Path | None, positional: list[str]) -> tuple[Path, list[str]]:
+    """Tell the config from the KEY=VALUE overrides among `toolkit train`'s arguments.
+
+    The config comes positionally as in `llamafactory-cli train x.yaml` and `axolotl train
+    x.yaml`, or with --config as before (then the first override lands in the CONFIG slot:
+    an argument with `=` is always an override). There is no default config: the seed recipe
+    is a 7B model, whose 14 GB download nobody should start by typing a bare `toolkit train`.
+
+    Raises:
+        typer.BadParameter: no config, or two of them (a usage error: exit 2).
+    """
+    from toolkit.shipped import ROOT
+
+    paths = [Path(item) for item in positional if "=" not in item]
+    overrides = [item for item in positional if "=" in item]
+    if config is not None:
+        paths.insert(0, config)
+    if len(paths) > 1:
+        raise typer.BadParameter(
+            f"one config, got {', '.join(map(str, paths))}; overrides are KEY=VALUE, "
+            "e.g. training.epochs=1", param_hint="CONFIG")
+    if not paths:
+        shipped = ", ".join(sorted(p.stem for p in (ROOT / "configs" / "model").glob("*.yaml")))
+        raise typer.BadParameter(
+            "no config given; pass one, e.g. `toolkit train configs/model/smollm2-135m.yaml` "
+            "(the embedded SmolLM2-135M, fit for a CPU)"
+            + (f"; shipped in configs/model/: {shipped}" if shipped else ""), param_hint="CONFIG")
+    return paths[0], overrides
+
+
+@app.command()
 @user_errors
 def train(
-    ctx: typer.Context,
-    config: Annotated[Path, typer.Option(help="Training config YAML.")] = Path(
-        "configs/model/training_config.yaml"
-    ),
+    config_arg: Annotated[str | None, typer.Argument(
+        metavar="CONFIG", show_default=False, help="Training config YAML.")] = None,
+    overrides: Annotated[list[str] | None, typer.Argument(
+        metavar="KEY=VALUE", show_default=False,
+        help="Overrides of config fields, e.g. training.epochs=1 lora.r=16.")] = None,
+    config: Annotated[Path | None, typer.Option(help="Training config YAML (instead of the positional CONFIG).")] = None,
     data: Annotated[Path | None, typer.Option(help="Training JSONL (overrides data.train).")] = None,
     eval_data: Annotated[Path | None, typer.Option(help="Held-out JSONL (data.eval).")] = None,
     output: Annotated[Path | None, typer.Option(help="Run folder (default runs/<config name>).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the run's last checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder.")] = False,
+    verbose: Annotated[bool, typer.Option(help=VERBOSE_HELP)] = False,
 ) -> None:
-    """LoRA fine-tune a base model; extra KEY=VALUE arguments override config fields."""
+    """LoRA fine-tune a base model: `toolkit train CONFIG.yaml [KEY=VALUE]...`."""
     from toolkit.config import load_config
     from toolkit.train import run_training
 
-    overrides = list(ctx.args)
+    config_path, extra = split_train_args(config, [*([config_arg] if config_arg else []),
+                                                   *(overrides or [])])
     if data is not None:
-        overrides.append(f"data.train={data}")
+        extra.append(f"data.train={data}")
     if eval_data is not None:
-        overrides.append(f"data.eval={eval_data}")
-    cfg = load_config(config, overrides)
-    run_training(cfg, output=output or Path("runs") / config.stem, resume=resume,
-                 overwrite=overwrite, console=console)
+        extra.append(f"data.eval={eval_data}")
+    cfg = load_config(config_path, extra)
+    run_training(cfg, output=output or Path("runs") / config_path.stem, resume=resume,
+                 overwrite=overwrite, console=console, verbose=verbose)
+
+
+def _export_formats(value: str) -> list[ExportFormat]:
+    """One --quantize value, which may list several formats: `merged,onnx-int8`."""
+    formats = []
+    for name in value.split(","):
+        try:
+            formats.append(ExportFormat(name.strip()))
+        except ValueError:
+            choices = ", ".join(f.value for f in ExportFormat)
+            raise typer.BadParameter(f"{name.strip()!r} is not one of {choices}") from None
+    return formats
+
+
+def _flatten_formats(groups: list[list[ExportFormat]]) -> list[ExportFormat]:
+    return [fmt for group in groups for fmt in group]
 
 
 @app.command()
 @user_errors
 def export(
     source: Annotated[Path, typer.Argument(help="Training run folder (or a peft adapter folder).")],
-    quantize: Annotated[list[str], typer.Option(help="Format, repeatable: merged, bnb-int8, bnb-nf4, gptq-int4, onnx, onnx-int8.")],
+    quantize: Annotated[list[ExportFormat], typer.Option(
+        parser=_export_formats, callback=_flatten_formats,
+        help="Formats, repeatable or comma-separated: --quantize merged,onnx-int8.")],
     out: Annotated[Path | None, typer.Option(help="Parent folder of the exports (default RUN/exports).")] = None,
     calibration: Annotated[Path | None, typer.Option(help="Calibration JSONL, our own FR/EN data (default: the run's training data, else data/train.jsonl).")] = None,
     eval_data: Annotated[Path | None, typer.Option(help="Held-out JSONL for the quality report.")] = None,
-    dtype: Annotated[str, typer.Option(help="Merged weights dtype: fp32, fp16 or bf16.")] = "fp16",
+    dtype: Annotated[MergeDtype, typer.Option(help="Merged weights dtype.")] = MergeDtype.fp16,
     overwrite: Annotated[bool, typer.Option(help="Replace existing export folders.")] = False,
+    verbose: Annotated[bool, typer.Option(help=VERBOSE_HELP)] = False,
 ) -> None:
     """Merge the adapters, quantize to each format, verify, and report size/quality/speed.
 
     Exit status: 0 every format was produced; 1 some were skipped (this machine cannot
-    produce them) or failed, the others are done; 2 nothing was done.
+    produce them) or failed, or nothing was done (the error says why); 2 a usage error.
     """
     from toolkit.export import run_export
 
     result = run_export(source, quantize, out=out, calibration=calibration,
-                        eval_data=eval_data, dtype=dtype, overwrite=overwrite, console=console)
+                        eval_data=eval_data, dtype=dtype, overwrite=overwrite, console=console,
+                        verbose=verbose)
     if not result.complete:
         raise typer.Exit(1)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def _setting(name: str, *param_decls: str, **kwargs: Any) -> Any:
+    """A `toolkit serve` option whose default and help are those of the `ServeSettings` field.
+
+    One source of truth: a new setting gets its CLI default and help from its field, and the
+    command passes every option to `ServeSettings` by name (`ctx.params`). Called in the
+    parameter defaults on purpose (ruff's B008 is silenced there): typer reads them once, at
+    definition, and the alternative writes each default twice.
+    """
+    field = ServeSettings.model_fields[name]
+    return typer.Option(field.get_default(call_default_factory=True), *param_decls,
+                        help=field.description, **kwargs)
+
+
+@app.command(context_settings={"allow_extra_args": True})
 @user_errors
 def serve(
     ctx: typer.Context,
-    model: Annotated[str, typer.Argument(help="Export folder, model folder, training run or model source.")],
-    engine: Annotated[str, typer.Option(help="auto, vllm, transformers or onnxruntime.")] = "auto",
-    host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Bind port.")] = 8000,
-    api_key: Annotated[str | None, typer.Option(envvar="TOOLKIT_API_KEY", help="Require this bearer key.")] = None,
-    api_key_file: Annotated[Path | None, typer.Option(help="Read the bearer key from this file (keeps it out of `ps`).")] = None,
-    max_concurrency: Annotated[int, typer.Option(help="Requests generating at once.")] = 8,
-    max_queue: Annotated[int, typer.Option(help="Requests waiting beyond that; more get 429.")] = 64,
-    model_name: Annotated[str | None, typer.Option(help="Name clients use (default: folder name).")] = None,
-    record_completions: Annotated[bool, typer.Option(help="Store prompts and answers for feedback (off: medical content).")] = False,
-    feedback_db: Annotated[str | None, typer.Option(envvar="TOOLKIT_FEEDBACK_DB", help="Feedback store: SQLite file (default $TOOLKIT_HOME/feedback.db) or postgresql:// URL shared by replicas.")] = None,
-    vllm_python: Annotated[Path | None, typer.Option(envvar="TOOLKIT_VLLM_PYTHON", help="Python of the venv holding vLLM.")] = None,
-    tensor_parallel_size: Annotated[int | None, typer.Option(help="vLLM tensor parallelism.")] = None,
-    pipeline_parallel_size: Annotated[int | None, typer.Option(help="vLLM pipeline parallelism.")] = None,
-    ray_address: Annotated[str | None, typer.Option(help="Ray cluster for multi-node vLLM (sets RAY_ADDRESS, Ray executor).")] = None,
-    gpu_memory_utilization: Annotated[float | None, typer.Option(help="vLLM GPU memory share.")] = None,
-    max_model_len: Annotated[int | None, typer.Option(help="Context length limit.")] = None,
-    threads: Annotated[int | None, typer.Option(help="CPU threads for embedded engines.")] = None,
-    max_tokens_default: Annotated[int, typer.Option(help="Completion tokens when a request sets no max_tokens (embedded engines).")] = 1024,
-    body_timeout_s: Annotated[float, typer.Option(help="Seconds a client may take to upload its body; then 408.")] = 30.0,
-    shutdown_timeout_s: Annotated[float, typer.Option(help="On SIGTERM, seconds in-flight requests may finish; then they get an error.")] = 30.0,
-    max_body_bytes: Annotated[int, typer.Option(help="Largest request body in bytes; larger ones get 413.")] = 1024 * 1024,
+    model: Annotated[str, typer.Argument(help=ServeSettings.model_fields["model"].description)],
+    engine: EngineChoice = _setting("engine"),  # noqa: B008
+    host: str = _setting("host"),
+    port: int = _setting("port"),
+    api_key: str | None = _setting("api_key", envvar="TOOLKIT_API_KEY"),
+    api_key_file: Path | None = _setting("api_key_file"),  # noqa: B008
+    max_concurrency: int = _setting("max_concurrency"),
+    max_queue: int = _setting("max_queue"),
+    model_name: str | None = _setting("model_name", "--model-name", "--served-model-name"),
+    record_completions: bool = _setting("record_completions"),
+    feedback_db: str | None = _setting("feedback_db", envvar="TOOLKIT_FEEDBACK_DB"),
+    vllm_python: Path | None = _setting("vllm_python", envvar="TOOLKIT_VLLM_PYTHON"),  # noqa: B008
+    tensor_parallel_size: int | None = _setting("tensor_parallel_size"),
+    pipeline_parallel_size: int | None = _setting("pipeline_parallel_size"),
+    ray_address: str | None = _setting("ray_address"),
+    gpu_memory_utilization: float | None = _setting("gpu_memory_utilization"),
+    max_model_len: int | None = _setting("max_model_len"),
+    threads: int | None = _setting("threads"),
+    max_tokens_default: int = _setting("max_tokens_default"),
+    body_timeout_s: float = _setting("body_timeout_s"),
+    shutdown_timeout_s: float = _setting("shutdown_timeout_s"),
+    max_body_bytes: int = _setting("max_body_bytes"),
 ) -> None:
     """Serve a model behind an OpenAI-compatible gateway with Prometheus metrics.
 
-    Arguments after `--` pass through to vLLM.
+    Arguments after `--` pass through to vLLM: `toolkit serve MODEL -- --enforce-eager`.
     """
-    from toolkit.serve import ServeSettings, run_server
+    from toolkit.serve import run_server
 
-    settings = ServeSettings(
-        model=model, engine=engine, host=host, port=port, api_key=api_key,
-        api_key_file=api_key_file,
-        max_concurrency=max_concurrency, max_queue=max_queue, model_name=model_name,
-        record_completions=record_completions, feedback_db=feedback_db,
-        vllm_python=vllm_python, tensor_parallel_size=tensor_parallel_size,
-        pipeline_parallel_size=pipeline_parallel_size, ray_address=ray_address,
-        gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-        threads=threads, max_tokens_default=max_tokens_default, body_timeout_s=body_timeout_s,
-        shutdown_timeout_s=shutdown_timeout_s, max_body_bytes=max_body_bytes,
-        engine_args=list(ctx.args),
-    )
-    run_server(settings)
+    run_server(ServeSettings(**ctx.params, engine_args=list(ctx.args)))
 
 
 @monitor_app.command("snapshot")
@@ -198,14 +280,14 @@ def monitor_snapshot(
     out: Annotated[Path, typer.Option(help="PNG to write.")],
     prometheus: Annotated[str, typer.Option(help="Prometheus base URL.")] = "http://127.0.0.1:9090",
     range_: Annotated[str, typer.Option("--range", help="Look-back window, e.g. 15m, 1h, 1d.")] = "1h",
-    dashboard: Annotated[Path, typer.Option(help="Grafana dashboard JSON.")] = Path(
-        "monitoring/grafana/dashboards/toolkit.json"
-    ),
+    dashboard: Annotated[Path | None, typer.Option(help="Grafana dashboard JSON (default: the shipped monitoring/grafana/dashboards/toolkit.json).")] = None,
     var: Annotated[list[str] | None, typer.Option(help="Dashboard variable NAME=VALUE.")] = None,
 ) -> None:
     """Render the dashboard's panels from Prometheus into one PNG (no Grafana needed)."""
     from toolkit.monitoring.snapshot import parse_range, render_snapshot
+    from toolkit.shipped import shipped_file
 
+    dashboard = dashboard or shipped_file(DASHBOARD, "--dashboard")
     variables = dict(item.split("=", 1) for item in (var or []) if "=" in item)
     result = render_snapshot(prometheus, dashboard, out, range_s=parse_range(range_),
                              variables=variables or None)
@@ -216,15 +298,16 @@ def monitor_snapshot(
 @user_errors
 def compare(
     variants: Annotated[list[str], typer.Argument(help="Model sources, training runs or export folders.")],
-    data: Annotated[Path, typer.Option(help="Held-out JSONL.")] = Path("data/test.jsonl"),
+    data: Annotated[Path | None, typer.Option(help="Held-out JSONL (default: the shipped data/test.jsonl).")] = None,
     out: Annotated[Path, typer.Option(help="Report folder.")] = Path("reports/compare"),
     max_new_tokens: Annotated[int, typer.Option(help="Generation length for chrF.")] = 64,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing report folder.")] = False,
 ) -> None:
     """Compare variants on perplexity, chrF, speed, memory and size (overall, fr/en, category)."""
     from toolkit.compare import run_compare
+    from toolkit.shipped import shipped_file
 
-    run_compare(variants, data=data, out=out, max_new_tokens=max_new_tokens,
+    run_compare(variants, data=data or shipped_file("data/test.jsonl", "--data"), out=out, max_new_tokens=max_new_tokens,
                 overwrite=overwrite, console=console)
 
 

@@ -12,9 +12,18 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from toolkit.errors import ConfigError
+from toolkit.shipped import resolve_user_path
+from toolkit.suggest import did_you_mean
 
 
 class Precision(str, Enum):
@@ -93,6 +102,12 @@ class DataSection(_Section):
         description="System message rendered before every example.",
     )
 
+    @field_validator("train", "eval")
+    @classmethod
+    def _shipped_data(cls, path: Path | None) -> Path | None:
+        # the shipped configs say data/train.jsonl: found from any cwd, not only the checkout
+        return None if path is None else resolve_user_path(path)
+
 
 class TrainConfig(_Section):
     """A complete training recipe: base model, LoRA, optimisation and data."""
@@ -120,6 +135,17 @@ class TrainConfig(_Section):
         return self
 
 
+def _known_fields(loc: tuple[int | str, ...]) -> list[str]:
+    """The field names valid at `loc` (a path of section names) in a `TrainConfig`."""
+    model: type[BaseModel] = TrainConfig
+    for part in loc:
+        annotation = model.model_fields[str(part)].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
 def _format_validation_error(path: Path | str, error: ValidationError) -> str:
     lines = []
     for item in error.errors():
@@ -129,7 +155,9 @@ def _format_validation_error(path: Path | str, error: ValidationError) -> str:
         if item["type"] == "enum" and "expected" in ctx:
             message = f"got {item.get('input')!r}, expected one of {ctx['expected']}"
         elif item["type"] == "extra_forbidden":
-            message = "unknown field (check the spelling)"
+            message = "unknown field" + (
+                did_you_mean(str(item["loc"][-1]), _known_fields(item["loc"][:-1]))
+                or " (check the spelling)")
         elif item["type"] == "value_error":
             message = message.removeprefix("Value error, ")
             field = field if field != "(top level)" else "config"
@@ -169,7 +197,10 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: line {line}: not UTF-8 (save as UTF-8)") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -189,8 +220,12 @@ def config_from_dict(data: dict[str, Any], origin: Path | str = "<config>") -> T
 
 
 def load_config(path: Path, overrides: list[str] | None = None) -> TrainConfig:
-    """Load a training config from YAML, apply `key=value` overrides, and validate it."""
-    data = _merge(read_yaml(path), parse_overrides(overrides or []))
+    """Load a training config from YAML, apply `key=value` overrides, and validate it.
+
+    A relative `path` missing from the cwd is looked up in the installation, so the shipped
+    `configs/model/*.yaml` work from any folder.
+    """
+    data = _merge(read_yaml(resolve_user_path(path)), parse_overrides(overrides or []))
     return config_from_dict(data, path)
 
 

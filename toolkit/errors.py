@@ -1,4 +1,4 @@
-"""User-facing errors: the CLI prints their message on one line and exits with code 2."""
+"""User-facing errors: the CLI prints their message on one line and exits with code 1."""
 
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Literal, get_args
 
 from toolkit.errors import DataError
+from toolkit.suggest import did_you_mean
 
 Language = Literal["fr", "en"]
 Category = Literal["protocol", "training", "incident"]
@@ -71,9 +72,11 @@ def _check_record(record: object, line: int, seen: dict[str, int]) -> list[DataI
         issues.append(DataIssue(line, f"unknown field(s) {sorted(unknown)}"))
     language, category = record.get("language"), record.get("category")
     if isinstance(language, str) and language.strip() and language not in LANGUAGES:
-        issues.append(DataIssue(line, f"unknown language {language!r} (use one of {LANGUAGES})"))
+        issues.append(DataIssue(line, f"unknown language {language!r}"
+                                f"{did_you_mean(language, LANGUAGES)} (use one of {LANGUAGES})"))
     if isinstance(category, str) and category.strip() and category not in CATEGORIES:
-        issues.append(DataIssue(line, f"unknown category {category!r} (use one of {CATEGORIES})"))
+        issues.append(DataIssue(line, f"unknown category {category!r}"
+                                f"{did_you_mean(category, CATEGORIES)} (use one of {CATEGORIES})"))
     example_id = record.get("id")
     if isinstance(example_id, str) and example_id.strip():
         if example_id in seen:
@@ -88,6 +91,10 @@ def _check_record(record: object, line: int, seen: dict[str, int]) -> list[DataI
 def validate_file(path: Path) -> tuple[list[Example], list[DataIssue]]:
     """Parse a JSONL file, returning the valid examples and every issue found.
 
+    Lines are decoded one by one as UTF-8, a byte-order mark tolerated (Notepad and Excel
+    write one), so a file in another encoding is reported at its first bad line with the fix
+    instead of failing with a decoder traceback.
+
     Raises:
         DataError: the file is missing (nothing to validate).
     """
@@ -96,8 +103,13 @@ def validate_file(path: Path) -> tuple[list[Example], list[DataIssue]]:
     examples: list[Example] = []
     issues: list[DataIssue] = []
     seen: dict[str, int] = {}
-    with path.open(encoding="utf-8") as handle:
-        for line_no, raw in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for line_no, raw_bytes in enumerate(handle, start=1):
+            try:
+                raw = raw_bytes.decode("utf-8-sig" if line_no == 1 else "utf-8")
+            except UnicodeDecodeError:
+                issues.append(DataIssue(line_no, "not UTF-8 (save as UTF-8)"))
+                continue
             if not raw.strip():
                 continue
             try:

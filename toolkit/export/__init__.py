@@ -1,45 +1,30 @@
 """Export stage: a fine-tune (run or adapter) to merged / bitsandbytes / GPTQ / ONNX folders,
 each verified against its reference and described by `export_report.json` + a model card.
 
-Importing this package loads no torch: `run_export` and `load_export` import what they need
-when called.
+Importing this package loads no torch: the CLI parses `--quantize` with `ExportFormat` from
+here, so `run_export`, `load_export` and their result types are the real objects of their
+modules, imported on first access (PEP 562) rather than wrapped in `*args` trampolines.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 from toolkit.export.registry import ExportFormat, MergeDtype
 
 if TYPE_CHECKING:
-    from toolkit.export.loading import LoadedExport
-    from toolkit.export.runner import ExportResult
+    from toolkit.export.loading import LoadedExport, load_export
+    from toolkit.export.runner import ExportResult, run_export
 
 __all__ = ["ExportFormat", "ExportResult", "LoadedExport", "MergeDtype", "load_export",
            "run_export"]
 
-
-def run_export(*args: Any, **kwargs: Any) -> ExportResult:
-    """See `toolkit.export.runner.run_export`."""
-    from toolkit.export.runner import run_export as _run
-
-    return _run(*args, **kwargs)
-
-
-def load_export(*args: Any, **kwargs: Any) -> LoadedExport:
-    """See `toolkit.export.loading.load_export`."""
-    from toolkit.export.loading import load_export as _load
-
-    return _load(*args, **kwargs)
+_LAZY = {"run_export": "toolkit.export.runner", "ExportResult": "toolkit.export.runner",
+         "load_export": "toolkit.export.loading", "LoadedExport": "toolkit.export.loading"}
 
 
 def __getattr__(name: str) -> Any:
-    if name == "LoadedExport":
-        from toolkit.export.loading import LoadedExport
-
-        return LoadedExport
-    if name == "ExportResult":
-        from toolkit.export.runner import ExportResult
-
-        return ExportResult
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'toolkit.export' has no attribute {name!r}")

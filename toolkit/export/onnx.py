@@ -15,6 +15,7 @@ fp32 speed, half the size; quantizing activations, as ORT's dynamic int8 does, c
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -27,6 +28,8 @@ from typing import Any
 from toolkit.errors import MissingExtraError, ModelSourceError, ToolkitError
 from toolkit.export.onnx_runtime import ONNX_FILE
 from toolkit.processes import owned_tempdir, run_child
+
+log = logging.getLogger(__name__)
 
 ONNX_PYTHON_ENV = "TOOLKIT_ONNX_PYTHON"
 SETUP_COMMAND = "bash scripts/setup-onnx-venv.sh"
@@ -211,6 +214,10 @@ def _run_exporter(python: Path, view_dir: Path, raw_dir: Path) -> None:
     env = {**os.environ, "FORCE_ONNX_EXTERNAL_DATA": "1", "HF_HUB_OFFLINE": "1"}
     # minutes at full CPU and GBs of memory: it must not outlive a killed export
     done = run_child(command, env=env, capture_output=True, text=True)
+    # its hundreds of lines belong in the export's log file (toolkit.logs), not the console
+    output = "\n".join(part.rstrip() for part in (done.stdout, done.stderr) if part.strip())
+    if output:
+        log.info("optimum-onnx exporter (exit %s):\n%s", done.returncode, output)
     if done.returncode == 0 and (raw_dir / ONNX_FILE).is_file():
         return
     lines = [line for line in done.stderr.splitlines() if line.strip()]

@@ -9,8 +9,8 @@ it is the reference every other format is measured against and the folder they s
 
 Each format is written into a temporary folder, reloaded, verified and measured there, and
 renamed into place only when it passed. Exit status through the CLI: 0 every asked format was
-produced; 1 some were skipped or failed (the others are done); 2 nothing was done (user
-error, nothing producible here, or the merge failed its check).
+produced; 1 some were skipped or failed (the others are done), or nothing was done (user
+error, nothing producible here, or the merge failed its check: the one-line error says which).
 """
 
 from __future__ import annotations
@@ -38,10 +38,14 @@ from toolkit.export.registry import (
     unavailable_reason,
 )
 from toolkit.export.report import ExportReport, TableRow, delta_pct, print_table
+from toolkit.logs import route_logs
+from toolkit.shipped import resolve_user_path
 from toolkit.train.manifest import package_versions, utc_now
 
 DEFAULT_EVAL = Path("data/test.jsonl")
 DEFAULT_CALIBRATION = Path("data/train.jsonl")
+#: third-party logging and warnings of the export (`toolkit.logs`), beside the format folders
+LOG_FILE = "export.log"
 NEEDS_CALIBRATION = (ExportFormat.gptq_int4, ExportFormat.onnx_int8)
 
 
@@ -92,15 +96,19 @@ EXPORT_PACKAGES = ("toolkit", "torch", "transformers", "peft", "bitsandbytes", "
 
 
 def _resolve_data(path: Path | None, recorded: Path | None, default: Path, what: str) -> Path:
-    """The explicit path (which must exist), else the run's recorded one, else the default."""
+    """The explicit path (which must exist), else the run's recorded one, else the default.
+
+    Relative recorded and default paths (`data/test.jsonl`) are also looked up in the
+    installation, so an export started outside the checkout finds the shipped data.
+    """
     flag = f"--{what.replace(' ', '-')}"
     if path is not None:
         if not Path(path).is_file():
             raise DataError(f"{path}: no such {what} file ({flag})")
         return Path(path)
     for candidate in (recorded, default):
-        if candidate is not None and Path(candidate).is_file():
-            return Path(candidate)
+        if candidate is not None and resolve_user_path(Path(candidate)).is_file():
+            return resolve_user_path(Path(candidate))
     tried = " or ".join(str(c) for c in (recorded, default) if c is not None)
     raise DataError(f"no {what} file ({tried} not found); pass {flag} PATH")
 
@@ -131,6 +139,7 @@ def run_export(
     console: Console | None = None,
     threads: int = 1,
     speed_tokens: int = 32,
+    verbose: bool = False,
 ) -> ExportResult:
     """Export a fine-tune to each asked format, verify and measure each, print the table.
 
@@ -146,6 +155,8 @@ def run_export(
         overwrite: replace existing export folders (each only once its new version passed).
         threads: torch / ONNX Runtime threads for the speed measurement (pinned: comparable).
         speed_tokens: tokens generated for the speed measurement.
+        verbose: also show third-party logging and warnings on the console; they always go
+            to OUT/export.log.
 
     Returns:
         Every format's outcome; `complete` says whether all were produced.
@@ -156,75 +167,77 @@ def run_export(
         ExportUnavailableError: no asked format can be produced here.
         ExportVerificationError: the merge did not match the adapter (nothing was written).
     """
-    from toolkit.export.source import resolve_source
+    with route_logs(verbose=verbose) as logs:
+        from toolkit.export.source import resolve_source
 
-    console = console or Console()
-    formats = parse_formats(quantize)
-    merge_dtype = parse_dtype(dtype)
-    src = resolve_source(source)
-    out = Path(out) if out is not None else src.default_out
-    ctx = ExportContext(source=src, dtype=merge_dtype, out=out, calibration_path=None,
-                        console=console)
+        console = console or Console()
+        formats = parse_formats(quantize)
+        merge_dtype = parse_dtype(dtype)
+        src = resolve_source(source)
+        out = Path(out) if out is not None else src.default_out
+        ctx = ExportContext(source=src, dtype=merge_dtype, out=out, calibration_path=None,
+                            console=console)
 
-    reasons = _availability(formats)
-    producible = [f for f in formats if reasons[f] is None]
-    if not producible:
-        raise ExportUnavailableError("no asked format can be produced on this machine:\n" +
-                                     "\n".join(f"  {reasons[f]}" for f in formats))
-    merged_target = out / ExportFormat.merged.value
-    reuse_merged = (ExportFormat.merged not in producible and merged_target.exists()
-                    and _reusable_merged(merged_target, ctx))
-    _check_targets(producible, out, overwrite, reuse_merged)
+        reasons = _availability(formats)
+        producible = [f for f in formats if reasons[f] is None]
+        if not producible:
+            raise ExportUnavailableError("no asked format can be produced on this machine:\n" +
+                                         "\n".join(f"  {reasons[f]}" for f in formats))
+        merged_target = out / ExportFormat.merged.value
+        reuse_merged = (ExportFormat.merged not in producible and merged_target.exists()
+                        and _reusable_merged(merged_target, ctx))
+        _check_targets(producible, out, overwrite, reuse_merged)
 
-    eval_path = _resolve_data(eval_data, src.eval_path, DEFAULT_EVAL, "eval data")
-    if any(f in NEEDS_CALIBRATION for f in producible):
-        ctx.calibration_path = _resolve_data(calibration, src.calibration_path,
-                                             DEFAULT_CALIBRATION, "calibration")
-        from toolkit.data.schema import load_examples
+        eval_path = _resolve_data(eval_data, src.eval_path, DEFAULT_EVAL, "eval data")
+        if any(f in NEEDS_CALIBRATION for f in producible):
+            ctx.calibration_path = _resolve_data(calibration, src.calibration_path,
+                                                 DEFAULT_CALIBRATION, "calibration")
+            from toolkit.data.schema import load_examples
 
-        load_examples(ctx.calibration_path)  # invalid calibration data fails before any work
-    encoded, eval_info, speed_prompt = _encode_eval(src, eval_path)
-    ctx.verify_prompts = _verify_prompts(encoded)
+            load_examples(ctx.calibration_path)  # invalid calibration data fails before any work
+        encoded, eval_info, speed_prompt = _encode_eval(src, eval_path)
+        ctx.verify_prompts = _verify_prompts(encoded)
+        logs.attach(out / LOG_FILE)  # after the tokenizer: transformers' handler exists now
 
-    skipped = [f for f in formats if reasons[f]]
-    console.print(f"export {src.path} (base {src.base.source}"
-                  f"{', QLoRA: merging into the NF4 round trip' if src.qlora else ''}) -> {out}: "
-                  f"{', '.join(f.value for f in producible)}", highlight=False, markup=False)
-    for fmt in skipped:
-        console.print(f"[yellow]skipped[/yellow] {escape(str(reasons[fmt]))}", highlight=False)
+        skipped = [f for f in formats if reasons[f]]
+        console.print(f"export {src.path} (base {src.base.source}"
+                      f"{', QLoRA: merging into the NF4 round trip' if src.qlora else ''}) -> {out}: "
+                      f"{', '.join(f.value for f in producible)}", highlight=False, markup=False)
+        for fmt in skipped:
+            console.print(f"[yellow]skipped[/yellow] {escape(str(reasons[fmt]))}", highlight=False)
 
-    result = ExportResult(out=out)
-    outcomes: dict[ExportFormat, FormatOutcome] = {
-        f: FormatOutcome(f, "skipped", reason=str(reasons[f])) for f in skipped}
-    common: dict[str, Any] = {"encoded": encoded, "eval_info": eval_info,
-                              "speed_prompt": speed_prompt, "threads": threads,
-                              "speed_tokens": speed_tokens, "overwrite": overwrite}
-    with sigterm_as_interrupt():
-        if reuse_merged:
-            outcomes[ExportFormat.merged] = _reuse_merged(ctx, merged_target, **common)
-        else:
-            # merged failing is fatal: every other format starts from it
-            outcomes[ExportFormat.merged] = _produce(ExportFormat.merged, ctx, None, **common)
-        reference = ctx.reference
-        for fmt in producible:
-            if fmt is ExportFormat.merged:
-                continue
-            try:
-                outcomes[fmt] = _produce(fmt, ctx, reference, **common)
-            except Exception as exc:  # noqa: BLE001 (one format failing leaves the others)
-                message = f"{type(exc).__name__}: {exc}" if not isinstance(exc, ToolkitError) \
-                    else str(exc)
-                console.print(f"[red]{fmt.value} failed[/red]: {escape(message)}",
-                              highlight=False)
-                outcomes[fmt] = FormatOutcome(fmt, "failed", reason=message)
-    result.outcomes = [outcomes[f] for f in formats]
-    rows = [TableRow(o.format.value, o.report, o.status, o.reason) for o in result.outcomes]
-    if ExportFormat.merged not in formats:
-        merged = outcomes[ExportFormat.merged]
-        rows.insert(0, TableRow("merged (reference)", merged.report, merged.status))
-    print_table(rows, console, title=f"export of {src.path} (eval: {eval_path}, "
-                                     f"{eval_info['examples']} examples)")
-    return result
+        result = ExportResult(out=out)
+        outcomes: dict[ExportFormat, FormatOutcome] = {
+            f: FormatOutcome(f, "skipped", reason=str(reasons[f])) for f in skipped}
+        common: dict[str, Any] = {"encoded": encoded, "eval_info": eval_info,
+                                  "speed_prompt": speed_prompt, "threads": threads,
+                                  "speed_tokens": speed_tokens, "overwrite": overwrite}
+        with sigterm_as_interrupt():
+            if reuse_merged:
+                outcomes[ExportFormat.merged] = _reuse_merged(ctx, merged_target, **common)
+            else:
+                # merged failing is fatal: every other format starts from it
+                outcomes[ExportFormat.merged] = _produce(ExportFormat.merged, ctx, None, **common)
+            reference = ctx.reference
+            for fmt in producible:
+                if fmt is ExportFormat.merged:
+                    continue
+                try:
+                    outcomes[fmt] = _produce(fmt, ctx, reference, **common)
+                except Exception as exc:  # noqa: BLE001 (one format failing leaves the others)
+                    message = f"{type(exc).__name__}: {exc}" if not isinstance(exc, ToolkitError) \
+                        else str(exc)
+                    console.print(f"[red]{fmt.value} failed[/red]: {escape(message)}",
+                                  highlight=False)
+                    outcomes[fmt] = FormatOutcome(fmt, "failed", reason=message)
+        result.outcomes = [outcomes[f] for f in formats]
+        rows = [TableRow(o.format.value, o.report, o.status, o.reason) for o in result.outcomes]
+        if ExportFormat.merged not in formats:
+            merged = outcomes[ExportFormat.merged]
+            rows.insert(0, TableRow("merged (reference)", merged.report, merged.status))
+        print_table(rows, console, title=f"export of {src.path} (eval: {eval_path}, "
+                                         f"{eval_info['examples']} examples)")
+        return result
 
 
 def _availability(formats: list[ExportFormat]) -> dict[ExportFormat, str | None]:

@@ -2,33 +2,30 @@
 
 Engines: vLLM (a child process, possibly from its own venv), or the embedded transformers and
 ONNX Runtime engines (continuous batching in-process). See `app.build_app` for the routes.
+
+The CLI imports `ServeSettings` from here for its option defaults, so the functions are the
+real ones of their modules, imported on first access (PEP 562): fastapi and the engines load
+only when something serves.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from toolkit.serve.settings import EngineChoice, ServeSettings
 
+if TYPE_CHECKING:
+    from toolkit.serve.app import build_app
+    from toolkit.serve.server import build_gateway, run_server
+
 __all__ = ["EngineChoice", "ServeSettings", "build_app", "build_gateway", "run_server"]
 
-
-def run_server(settings: ServeSettings) -> None:
-    """Serve until SIGTERM (see `toolkit.serve.server.run_server`)."""
-    from toolkit.serve.server import run_server as _run
-
-    _run(settings)
+_LAZY = {"run_server": "toolkit.serve.server", "build_gateway": "toolkit.serve.server",
+         "build_app": "toolkit.serve.app"}
 
 
-def build_gateway(settings: ServeSettings) -> Any:
-    """The gateway app for `settings`, engine chosen but not started."""
-    from toolkit.serve.server import build_gateway as _build
-
-    return _build(settings)
-
-
-def build_app(*args: Any, **kwargs: Any) -> Any:
-    """See `toolkit.serve.app.build_app` (imported lazily: fastapi is not needed for --help)."""
-    from toolkit.serve.app import build_app as _build
-
-    return _build(*args, **kwargs)
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'toolkit.serve' has no attribute {name!r}")

@@ -236,9 +236,17 @@ def choose_engine(settings: ServeSettings, served: ServedModel) -> tuple[EngineC
 
 
 def log_choice(engine: EngineChoice, reason: str, served: ServedModel) -> None:
-    """One log line saying what is served by what, and why."""
-    log.info("serving %s (%s, %s) from %s with the %s engine: %s", served.name, served.format,
-             served.quantization, served.adapter or served.path, engine.value, reason)
+    """One log line saying what is served by what, and why.
+
+    The format and quantization are named once each, and only when they add something: an
+    export folder is often named after its format (`exports/merged`), and the line used to
+    say "merged (merged, none)".
+    """
+    labels = [label for label in dict.fromkeys((served.format, served.quantization))
+              if label not in (served.name, "none")]
+    detail = f" ({', '.join(labels)})" if labels else ""
+    log.info("%s engine for %s%s from %s: %s", engine.value, served.name, detail,
+             served.adapter or served.path, reason)
 
 
 def default_feedback_db() -> Path:

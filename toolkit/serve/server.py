@@ -101,6 +101,16 @@ def make_server(app: Any, settings: ServeSettings, log_level: str = "info") -> A
     return _Server(config)
 
 
+def listening_line(host: str, port: int, model: str, engine: str) -> str:
+    """The one line that tells a user where to point an OpenAI client.
+
+    `port` is the bound one (`--port 0` picks a free port); an IPv6 host gets the brackets a
+    URL needs.
+    """
+    shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    return f"listening on http://{shown}:{port}/v1 (model {model}, engine {engine})"
+
+
 def warn_if_open(settings: ServeSettings) -> bool:
     """Warn when the gateway listens beyond this machine without an API key.
 
@@ -147,6 +157,9 @@ def run_server(settings: ServeSettings) -> None:
     except OSError as exc:
         raise ToolkitError(f"--host {settings.host} --port {settings.port}: cannot bind ({exc}); "
                            "pick another port") from None
+    info = app.state.gateway.info
+    log.info("%s", listening_line(settings.host, sock.getsockname()[1], info.model_name,
+                                  info.engine))
     server.run(sockets=[sock])
     error = app.state.gateway.engine_error
     if error:

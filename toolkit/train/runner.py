@@ -20,6 +20,7 @@ from rich.console import Console
 
 from toolkit.config import Precision, TrainConfig, config_to_dict
 from toolkit.errors import ConfigError, DataError
+from toolkit.logs import route_logs
 from toolkit.train import output as out
 from toolkit.train.manifest import (
     ADAPTER_DIR,
@@ -32,6 +33,8 @@ from toolkit.train.manifest import (
 )
 
 #: config fields a resumed run must share with the run it continues
+#: third-party logging and warnings of the run (`toolkit.logs`), inside the run folder
+LOG_FILE = "train.log"
 RESUME_FIXED = (("model", None), ("lora", None), ("training", "quantization"))
 
 
@@ -154,6 +157,7 @@ def run_training(
     resume: bool = False,
     overwrite: bool = False,
     console: Console | None = None,
+    verbose: bool = False,
 ) -> TrainResult:
     """Fine-tune `cfg.model` with LoRA on `cfg.data.train` and write a run folder.
 
@@ -163,6 +167,8 @@ def run_training(
         resume: continue from the last checkpoint of `output` (or of its interrupted run).
         overwrite: replace an existing `output` once the new run is complete.
         console: where progress lines and the summary go (process 0 only).
+        verbose: also show third-party logging and warnings on the console; they always go
+            to the run's `train.log`.
 
     Raises:
         DataError: a data file is missing, empty, fails validation, or has no example left
@@ -172,62 +178,64 @@ def run_training(
             nothing to resume.
         UnsupportedHardwareError / MissingExtraError: QLoRA without CUDA or bitsandbytes.
     """
-    started = time.perf_counter()
-    main = _is_main_process()
-    console = console or Console(stderr=True)
+    with route_logs(verbose=verbose) as logs:
+        started = time.perf_counter()
+        main = _is_main_process()
+        console = console or Console(stderr=True)
 
-    def say(message: str) -> None:
+        def say(message: str) -> None:
+            if main:
+                console.print(message, highlight=False, soft_wrap=True)
+
+        from toolkit.model_source import resolve_model
+        from toolkit.train.dataset import load_split
+        from toolkit.train.model import check_model_config, resolve_hardware
+
+        # 1. Everything cheap, on every process, before anything is written.
+        output = Path(output)
+        plan = out.plan_output(output, resume, overwrite)
+        train_examples = load_split(cfg.data.train, "train")
+        eval_examples = load_split(cfg.data.eval, "eval") if cfg.data.eval else []
+        progress_source = out.source_dir(plan)
+        if plan.resuming:
+            from toolkit.train.trainer import RunProgress
+
+            _check_resume_config(cfg, RunProgress.load(progress_source).config, progress_source)
+        hardware = resolve_hardware(cfg)
+        if hardware.warning:
+            say(f"[yellow]warning:[/yellow] {hardware.warning}")
+        if cfg.training.threads:
+            import torch
+
+            torch.set_num_threads(cfg.training.threads)
+        args = _training_arguments(cfg, plan.work, hardware.cuda, hardware.precision.value)
+        with args.main_process_first(desc="resolve model"):
+            resolved = resolve_model(cfg.model.source, cfg.model.revision)
+        check_model_config(cfg, resolved.path)
+        tokenizer, chat_template_added, train_split, eval_split = _encode(
+            cfg, resolved.path, train_examples, eval_examples)
+        say(_data_line(cfg, train_split, eval_split))
+        if chat_template_added:
+            say(f"{cfg.model.source}: no chat template; using toolkit's ChatML template "
+                "(saved with the adapter)")
+
+        # 2. The work folder, then the model.
         if main:
-            console.print(message, highlight=False, soft_wrap=True)
-
-    from toolkit.model_source import resolve_model
-    from toolkit.train.dataset import load_split
-    from toolkit.train.model import check_model_config, resolve_hardware
-
-    # 1. Everything cheap, on every process, before anything is written.
-    output = Path(output)
-    plan = out.plan_output(output, resume, overwrite)
-    train_examples = load_split(cfg.data.train, "train")
-    eval_examples = load_split(cfg.data.eval, "eval") if cfg.data.eval else []
-    progress_source = out.source_dir(plan)
-    if plan.resuming:
-        from toolkit.train.trainer import RunProgress
-
-        _check_resume_config(cfg, RunProgress.load(progress_source).config, progress_source)
-    hardware = resolve_hardware(cfg)
-    if hardware.warning:
-        say(f"[yellow]warning:[/yellow] {hardware.warning}")
-    if cfg.training.threads:
-        import torch
-
-        torch.set_num_threads(cfg.training.threads)
-    args = _training_arguments(cfg, plan.work, hardware.cuda, hardware.precision.value)
-    with args.main_process_first(desc="resolve model"):
-        resolved = resolve_model(cfg.model.source, cfg.model.revision)
-    check_model_config(cfg, resolved.path)
-    tokenizer, chat_template_added, train_split, eval_split = _encode(
-        cfg, resolved.path, train_examples, eval_examples)
-    say(_data_line(cfg, train_split, eval_split))
-    if chat_template_added:
-        say(f"{cfg.model.source}: no chat template; using toolkit's ChatML template "
-            "(saved with the adapter)")
-
-    # 2. The work folder, then the model.
-    if main:
-        out.prepare(plan)
-    _barrier()
-    stage = {"training": False}
-    try:
-        return _train(cfg, plan, args, hardware, resolved, tokenizer, chat_template_added,
-                      train_split, eval_split, say, started, stage, console)
-    except BaseException as exc:
-        if main:
-            if stage["training"] and out.last_checkpoint(plan.work) is not None:
-                say(f"[yellow]stopped ({type(exc).__name__}):[/yellow] checkpoints kept in "
-                    f"{plan.work}; continue with --resume")
-            else:
-                out.discard(plan)
-        raise
+            out.prepare(plan)
+            logs.attach(plan.work / LOG_FILE)  # moves with the folder into runs/NAME
+        _barrier()
+        stage = {"training": False}
+        try:
+            return _train(cfg, plan, args, hardware, resolved, tokenizer, chat_template_added,
+                          train_split, eval_split, say, started, stage, console)
+        except BaseException as exc:
+            if main:
+                if stage["training"] and out.last_checkpoint(plan.work) is not None:
+                    say(f"[yellow]stopped ({type(exc).__name__}):[/yellow] checkpoints kept in "
+                        f"{plan.work}; continue with --resume")
+                else:
+                    out.discard(plan)
+            raise
 
 
 def _barrier() -> None:

@@ -16,8 +16,9 @@ def test_third_party_logging_and_warnings_land_in_the_file(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     log_file = tmp_path / "run" / "train.log"
     with route_logs(log_file):
-        logging.getLogger("gptqmodel").info("Syncing lazy checkpoint writes")
-        logging.getLogger("bitsandbytes.cextension").warning("Failed to load CPU gemm_4bit_forward")
+        # loggers of their own: the real libraries' loggers may be configured by earlier tests
+        logging.getLogger("test_logs.gptqmodel").info("Syncing lazy checkpoint writes")
+        logging.getLogger("test_logs.bitsandbytes").warning("Failed to load CPU gemm_4bit_forward")
         warnings.warn("torch.utils._pytree._register_pytree_node is deprecated", FutureWarning,
                       stacklevel=1)
         logging.getLogger("toolkit.export").warning("our own warning")

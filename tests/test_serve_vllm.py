@@ -314,7 +314,7 @@ def test_real_vllm_on_smollm2(embedded_model_dir):
         body = httpx.post(f"{url}/v1/chat/completions", timeout=300, json={
             "messages": [{"role": "user", "content": "What is 2+2?"}], "max_tokens": 16,
             "temperature": 0}).json()
-        assert body["choices"][0]["message"]["content"]
+        assert body.get("choices") and body["choices"][0]["message"]["content"], body
         with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=300, json={
                 "messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 8,
                 "stream": True}) as resp:

@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from tests.artifact_builders import save_lora_adapter, write_run_manifest
+from toolkit.artifacts import ADAPTER_DIR, REPORT_KEYS
 from toolkit.cli import app
 from toolkit.errors import ConfigError, DataError, ToolkitError
 from toolkit.export import ExportFormat, load_export, run_export
 from toolkit.export.atomic import ExportExistsError, atomic_dir, clean_stale
 from toolkit.export.registry import parse_dtype, parse_formats, unavailable_reason
-from toolkit.export.report import REPORT_KEYS
 
 runner = CliRunner()
 SYSTEM_PROMPT = "You are a careful hospital assistant for staff."
@@ -59,35 +60,10 @@ def export_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def make_run(folder: Path, base: Path, data: tuple[Path, Path], quantization: str = "none",
              seed: int = 0) -> Path:
     """A training-run folder as `toolkit train` writes it: LoRA r8 on q/v, B perturbed so the
-    adapter visibly changes logits, adapter + tokenizer, manifest.json."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, task_type="CAUSAL_LM",
-                                                  target_modules=["q_proj", "v_proj"]))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
-    peft_model.save_pretrained(folder / "adapter")
-    AutoTokenizer.from_pretrained(base).save_pretrained(folder / "adapter")
-    calibration, evaluation = data
-    manifest = {
-        "manifest_version": 1,
-        "base_model": {"source": str(base), "path": str(base), "revision": None, "kind": "local"},
-        "adapter_dir": "adapter",
-        "config": {"model": {"source": str(base), "revision": None, "trust_remote_code": False},
-                   "training": {"quantization": quantization, "max_seq_len": 256,
-                                "precision": "bf16" if quantization == "nf4" else "fp32"},
-                   "data": {"train": str(calibration), "eval": str(evaluation),
-                            "system_prompt": SYSTEM_PROMPT}},
-        "data": {"train": {"path": str(calibration), "sha256": "-"},
-                 "eval": {"path": str(evaluation), "sha256": "-"}},
-    }
-    (folder / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    adapter visibly changes logits, adapter + tokenizer, the manifest through its writer."""
+    save_lora_adapter(base, folder / ADAPTER_DIR, seed=seed)
+    write_run_manifest(folder, base, data=data, quantization=quantization, max_seq_len=256,
+                       system_prompt=SYSTEM_PROMPT)
     return folder
 
 
@@ -273,7 +249,7 @@ def test_format_round_trips_with_a_complete_report(exported: Any, fmt: ExportFor
     assert not [p for p in exported.out.iterdir() if p.name.startswith(".")]
     # reload through the shared loader and generate
     loaded = load_export(folder)
-    assert loaded.format is fmt and loaded.report["format"] == fmt.value
+    assert loaded.format is fmt and loaded.report.format is fmt
     text = loaded.tokenizer.apply_chat_template(
         [{"role": "user", "content": "Bonjour"}], tokenize=False, add_generation_prompt=True)
     prompt = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]

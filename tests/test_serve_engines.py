@@ -4,14 +4,15 @@ controls, stop strings, LoRA runs, ONNX Runtime, and the official openai client 
 from __future__ import annotations
 
 import concurrent.futures
-import json
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 
+from tests.artifact_builders import export_report, write_run_manifest
 from tests.serve_helpers import live_gateway
+from toolkit.artifacts import write_export
 from toolkit.serve.engines.batching import TextStream, sample_token
 
 PROMPTS = ["Bonjour le monde", "the patient has a fever and", "x",
@@ -189,8 +190,7 @@ def make_lora_run(root: Path, base: Path) -> Path:
     run = root / "triage"
     peft_model.save_pretrained(run / "adapter")
     AutoTokenizer.from_pretrained(base).save_pretrained(run / "adapter")
-    (run / "manifest.json").write_text(json.dumps({
-        "base_model": {"source": str(base), "revision": None}, "adapter_dir": "adapter"}))
+    write_run_manifest(run, base, r=4, alpha=8)
     return run
 
 
@@ -214,9 +214,7 @@ def tiny_onnx_dir(tiny_model_dir, tmp_path_factory):
         export_onnx(tiny_model_dir, out)
     except MissingExtraError as exc:
         pytest.skip(f"no ONNX exporter venv: {exc}")
-    (out / "export_report.json").write_text(json.dumps({
-        "format": "onnx", "quantization": None, "dtype": "fp32", "max_model_len": 1024,
-        "engine_hint": ["onnxruntime"], "vllm": {"loadable": False, "reason": "ONNX"}}))
+    write_export(out, export_report(out, "onnx", dtype="fp32", max_model_len=1024))
     return out
 
 

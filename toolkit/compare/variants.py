@@ -9,10 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from toolkit.artifacts import Kind, identify, read_run
 from toolkit.evaluation import LogitsFn
-
-EXPORT_REPORT = "export_report.json"
-MANIFEST = "manifest.json"
 
 
 @dataclass
@@ -80,12 +78,10 @@ def _open_run(path: Path) -> Variant:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from toolkit.model_source import resolve_model
-    from toolkit.train import read_manifest
 
-    manifest = read_manifest(path)
-    base = manifest["base_model"]
-    base_path = resolve_model(base["source"], base.get("revision")).path
-    adapter = path / manifest.get("adapter_dir", "adapter")
+    manifest = read_run(path)
+    base_path = resolve_model(manifest.base_model.source, manifest.base_model.revision).path
+    adapter = manifest.adapter_path(path)
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     model = PeftModel.from_pretrained(model, adapter)
     tokenizer = AutoTokenizer.from_pretrained(adapter)
@@ -95,23 +91,26 @@ def _open_run(path: Path) -> Variant:
 
 def _open_export(path: Path) -> Variant:
     from toolkit.export import load_export
+    from toolkit.export.quality import folder_sizes
 
     loaded = load_export(path)
     report = loaded.report
     return Variant(
         name=f"{path.parent.parent.name}/{path.name}" if path.parent.name == "exports" else path.name,
-        kind="export", path=path, format=report["format"], size_bytes=int(report["size_bytes"]),
+        kind="export", path=path, format=loaded.format.value,
+        size_bytes=report.size_bytes if report is not None else folder_sizes(path)[0],
         tokenizer=loaded.tokenizer, logits_fn=loaded.logits_fn, generate=loaded.generate,
-        max_len=int(report.get("max_model_len") or 2048),
+        max_len=int((report.max_model_len if report is not None else None) or 2048),
     )
 
 
 def open_variant(spec: str) -> Variant:
     """Load `spec`: an export folder, a training run, or anything `resolve_model` accepts."""
     path = Path(spec)
-    if (path / EXPORT_REPORT).is_file():
+    kind = identify(path)
+    if kind is Kind.export:
         return _open_export(path)
-    if (path / MANIFEST).is_file():
+    if kind is Kind.run:
         return _open_run(path)
 
     import torch

@@ -12,9 +12,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from toolkit.artifacts import ExportReport
 from toolkit.cards import INTENDED_USE, render_card
 from toolkit.export.registry import REGISTRY, ExportFormat
-from toolkit.export.report import ExportReport, mb, num, signed
+from toolkit.export.report import mb, num, signed
 from toolkit.model_source import ResolvedModel
 
 #: longer quantization settings (measurement tables) stay in export_report.json

@@ -9,7 +9,6 @@ dtype they were saved in.
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,11 +17,15 @@ from typing import Any
 
 import numpy as np
 
+from toolkit.artifacts import (
+    ExportReport,
+    export_format,
+    has_export_report,
+    read_export,
+)
 from toolkit.errors import ModelSourceError
 from toolkit.evaluation import LogitsFn
-from toolkit.export.registry import REGISTRY, ExportFormat
-
-REPORT_NAME = "export_report.json"
+from toolkit.formats import REGISTRY, ExportFormat
 
 
 @dataclass
@@ -34,7 +37,8 @@ class LoadedExport:
         format: what it holds.
         engine: "transformers" or "onnxruntime".
         tokenizer: with the chat template used in training.
-        report: `export_report.json` as a dict ({} while export is still verifying it).
+        report: the folder's `ExportReport` (None while export is still verifying it, or for
+            a plain model folder).
         logits_fn: token ids (1, T) -> logits (1, T, vocab), an `evaluation.LogitsFn`.
         eos_token_ids: tokens that end a reply (generation config + tokenizer).
         model: the transformers model or the `OnnxCausalLM`.
@@ -44,7 +48,7 @@ class LoadedExport:
     format: ExportFormat
     engine: str
     tokenizer: Any
-    report: dict[str, Any]
+    report: ExportReport | None
     logits_fn: LogitsFn
     eos_token_ids: list[int]
     model: Any
@@ -64,40 +68,6 @@ class LoadedExport:
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
         """Alias of `logits_fn`."""
         return self.logits_fn(input_ids)
-
-
-def read_report(path: Path) -> dict[str, Any]:
-    """`export_report.json` of a folder, or {} when it has none."""
-    report_path = Path(path) / REPORT_NAME
-    if not report_path.is_file():
-        return {}
-    return json.loads(report_path.read_text(encoding="utf-8"))
-
-
-def detect_format(path: Path) -> ExportFormat:
-    """The format of a folder: from its report, else from its files and quantization_config.
-
-    Raises:
-        ModelSourceError: not a model folder.
-    """
-    path = Path(path)
-    report = read_report(path)
-    if report.get("format"):
-        return ExportFormat(report["format"])
-    if (path / "model.onnx").is_file():
-        quantized = any("int8" in p.name or "quant" in p.name for p in path.glob("*.json"))
-        return ExportFormat.onnx_int8 if quantized else ExportFormat.onnx
-    config_path = path / "config.json"
-    if not config_path.is_file():
-        raise ModelSourceError(f"{path}: no config.json or model.onnx; not an export folder")
-    config = json.loads(config_path.read_text(encoding="utf-8"))
-    quant = config.get("quantization_config") or {}
-    method = str(quant.get("quant_method") or "").lower()
-    if method == "bitsandbytes":
-        return ExportFormat.bnb_nf4 if quant.get("load_in_4bit") else ExportFormat.bnb_int8
-    if method == "gptq":
-        return ExportFormat.gptq_int4
-    return ExportFormat.merged
 
 
 def eos_ids(tokenizer: Any, generation_config: Any = None) -> list[int]:
@@ -226,8 +196,8 @@ def load_export(path: Path | str, *, fmt: ExportFormat | str | None = None,
     path = Path(path)
     if not path.is_dir():
         raise ModelSourceError(f"{path}: no such export folder")
-    fmt = ExportFormat(fmt) if fmt is not None else detect_format(path)
-    report = read_report(path)
+    fmt = ExportFormat(fmt) if fmt is not None else export_format(path)
+    report = read_export(path) if has_export_report(path) else None
     tokenizer = _load_tokenizer(path)
     if REGISTRY[fmt].family == "onnx":
         from toolkit.export.onnx_runtime import OnnxCausalLM

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from toolkit.artifacts import EXPORT_REPORT
 from toolkit.data.prompts import EncodedExample
 from toolkit.evaluation import Perplexity, Speed, measure_speed, perplexity
 
@@ -22,7 +23,7 @@ from toolkit.evaluation import Perplexity, Speed, measure_speed, perplexity
 #: (load, generate) while answering nonsense
 RUINED_DELTA_PCT = 100.0
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".onnx", ".onnx_data", ".onnx.data", ".pt")
-REPORT_FILES = ("export_report.json", "README.md")
+REPORT_FILES = (EXPORT_REPORT, "README.md")
 VERIFY_PROMPTS = 4
 VERIFY_MAX_TOKENS = 128
 

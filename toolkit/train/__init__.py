@@ -1,5 +1,5 @@
 """Training stage: LoRA fine-tune of a causal LM into `runs/NAME/` (adapter, checkpoints,
-manifest). `read_manifest` is what the export stage reads; importing it loads no torch.
+manifest written through `toolkit.artifacts`); importing this package loads no torch.
 """
 
 from toolkit.train.manifest import MANIFEST_KEYS, read_manifest

@@ -18,8 +18,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from toolkit.artifacts import CHECKPOINT_DIR
 from toolkit.errors import ToolkitError
-from toolkit.train.manifest import CHECKPOINT_DIR
 
 
 @dataclass(frozen=True)

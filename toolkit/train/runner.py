@@ -18,18 +18,11 @@ from typing import Any
 
 from rich.console import Console
 
+from toolkit.artifacts import ADAPTER_DIR, CHECKPOINT_DIR, RunManifest, write_run
 from toolkit.config import Precision, TrainConfig, config_to_dict
 from toolkit.errors import ConfigError, DataError
 from toolkit.train import output as out
-from toolkit.train.manifest import (
-    ADAPTER_DIR,
-    CHECKPOINT_DIR,
-    package_versions,
-    read_manifest,
-    sha256_file,
-    utc_now,
-    write_manifest,
-)
+from toolkit.train.manifest import package_versions, read_manifest, sha256_file, utc_now
 
 #: config fields a resumed run must share with the run it continues
 RESUME_FIXED = (("model", None), ("lora", None), ("training", "quantization"))
@@ -369,45 +362,46 @@ def _train(cfg: TrainConfig, plan: out.OutputPlan, args: Any, hardware: Any, res
     if main:  # a pickle of TrainingArguments: not part of an adapter
         (plan.work / ADAPTER_DIR / "training_args.bin").unlink(missing_ok=True)
 
-    manifest: dict[str, Any] = {
-        "manifest_version": 1,
-        "toolkit_version": __version__,
-        "created": utc_now(),
-        "config": config_to_dict(cfg),
-        "base_model": {"source": resolved.source, "path": str(resolved.path),
-                       "revision": resolved.revision, "kind": resolved.kind},
-        "adapter_dir": ADAPTER_DIR,
-        "checkpoint_dir": CHECKPOINT_DIR,
-        "chat_template_added": chat_template_added,
-        "data": {"train": _data_entry(train_split),
-                 "eval": _data_entry(eval_split) if eval_split else None},
-        "versions": {**package_versions(), "toolkit": __version__},
-        "device": {"type": hardware.device, "name": hardware.device_name,
-                   "precision": hardware.precision.value,
-                   "requested_precision": hardware.requested.value,
-                   "quantization": t.quantization.value,
-                   "threads": None if hardware.cuda else torch.get_num_threads(),
-                   "world_size": world_size,
-                   "micro_batch_rows": args.per_device_train_batch_size,
-                   "accumulation_steps": args.gradient_accumulation_steps},
-        "world_size": world_size,
-        "packing": t.packing,
-        "metrics": {"before": progress.before, "epochs": progress.epochs, "after": after},
-        "truncated_examples": train_split.truncated + (eval_split.truncated if eval_split else 0),
-        "steps": int(trainer.state.global_step),
-        "resumed_from_step": resumed_step,
-        "train_tokens": tokens,
-        "wall_time_s": 0.0,
-        "train_time_s": round(train_seconds, 3),
-        "tokens_per_s": round(tokens / train_seconds, 2) if tokens else 0.0,
-        "peak_memory_bytes": peak,
-        "trainable_params": trainable,
-        "total_params": total,
-    }
+    record = RunManifest(
+        toolkit_version=__version__,
+        created=utc_now(),
+        config=config_to_dict(cfg),
+        base_model={"source": resolved.source, "path": str(resolved.path),
+                    "revision": resolved.revision, "kind": resolved.kind},
+        adapter_dir=ADAPTER_DIR,
+        checkpoint_dir=CHECKPOINT_DIR,
+        chat_template_added=chat_template_added,
+        data={"train": _data_entry(train_split),
+              "eval": _data_entry(eval_split) if eval_split else None},
+        versions={**package_versions(), "toolkit": __version__},
+        device={"type": hardware.device, "name": hardware.device_name,
+                "precision": hardware.precision.value,
+                "requested_precision": hardware.requested.value,
+                "quantization": t.quantization.value,
+                "threads": None if hardware.cuda else torch.get_num_threads(),
+                "world_size": world_size,
+                "micro_batch_rows": args.per_device_train_batch_size,
+                "accumulation_steps": args.gradient_accumulation_steps},
+        world_size=world_size,
+        packing=t.packing,
+        metrics={"before": progress.before, "epochs": progress.epochs, "after": after},
+        truncated_examples=train_split.truncated + (eval_split.truncated if eval_split else 0),
+        steps=int(trainer.state.global_step),
+        resumed_from_step=resumed_step,
+        train_tokens=tokens,
+        wall_time_s=0.0,
+        train_time_s=round(train_seconds, 3),
+        tokens_per_s=round(tokens / train_seconds, 2) if tokens else 0.0,
+        peak_memory_bytes=peak,
+        trainable_params=trainable,
+        total_params=total,
+    )
     if main:
-        manifest["wall_time_s"] = round(time.perf_counter() - started, 2)
+        record.wall_time_s = round(time.perf_counter() - started, 2)
+    manifest = record.model_dump(mode="json")
+    if main:
         finish_adapter(plan.work / ADAPTER_DIR, resolved, manifest, plan.target.name)
-        write_manifest(plan.work, manifest)
+        write_run(plan.work, record)
         out.finalize(plan)
         print_summary(console, manifest, str(plan.target))
     _end_processes(world_size)

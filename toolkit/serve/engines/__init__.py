@@ -50,7 +50,7 @@ def engine_info(settings: ServeSettings, served: ServedModel, engine: EngineChoi
 def _transformers(settings: ServeSettings, served: ServedModel) -> Engine:
     from toolkit.serve.engines.transformers_engine import build_transformers_engine
 
-    quantized = served.format.startswith(("bnb-", "gptq-")) or served.quantization != "none"
+    quantized = served.spec is not None and served.spec.quantized
     return build_transformers_engine(
         engine_info(settings, served, EngineChoice.transformers), served.path, served.adapter,
         served.tokenizer_dir, quantized, settings.batch_rows, settings.engine_threads,

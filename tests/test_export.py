@@ -4,7 +4,6 @@ report, atomic writes, refusals, and the messages for formats this machine canno
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -15,10 +14,10 @@ from typer.testing import CliRunner
 
 from tests.artifact_builders import save_lora_adapter, write_run_manifest
 from toolkit.artifacts import ADAPTER_DIR, REPORT_KEYS
+from toolkit.atomic import ExportExistsError
 from toolkit.cli import app
 from toolkit.errors import ConfigError, DataError, ToolkitError
 from toolkit.export import ExportFormat, load_export, run_export
-from toolkit.export.atomic import ExportExistsError, atomic_dir, clean_stale
 from toolkit.export.registry import parse_dtype, parse_formats, unavailable_reason
 
 runner = CliRunner()
@@ -375,37 +374,6 @@ def test_gptq_without_calibration_data_fails_before_any_work(
 
 
 # --- atomic writes -------------------------------------------------------------------------
-
-
-def test_atomic_dir_commits_only_on_success(tmp_path: Path) -> None:
-    target = tmp_path / "fmt"
-    with pytest.raises(RuntimeError), atomic_dir(target) as work:
-        (work / "weights.bin").write_text("half")
-        raise RuntimeError("boom")
-    assert not target.exists() and list(tmp_path.iterdir()) == []
-    with atomic_dir(target) as work:
-        (work / "weights.bin").write_text("v1")
-    assert (target / "weights.bin").read_text() == "v1"
-    with pytest.raises(ExportExistsError), atomic_dir(target):
-        pass
-    with pytest.raises(KeyboardInterrupt), atomic_dir(target, overwrite=True) as work:
-        (work / "weights.bin").write_text("v2")
-        raise KeyboardInterrupt
-    assert (target / "weights.bin").read_text() == "v1"
-    with atomic_dir(target, overwrite=True) as work:
-        (work / "weights.bin").write_text("v2")
-    assert (target / "weights.bin").read_text() == "v2"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["fmt"]
-
-
-def test_stale_folders_of_dead_processes_are_cleaned(tmp_path: Path) -> None:
-    dead = 2**22 + 12345  # above the default pid_max: never a live process
-    (tmp_path / f".merged.partial-{dead}-abcd").mkdir()
-    (tmp_path / f".onnx.replaced-{dead}-abcd").mkdir()  # killed between the two renames
-    (tmp_path / f".gptq.partial-{os.getpid()}-abcd").mkdir()  # a live export: kept
-    clean_stale(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        f".gptq.partial-{os.getpid()}-abcd", "onnx"]
 
 
 @pytest.mark.parametrize("failure", [RuntimeError, KeyboardInterrupt])

@@ -1,7 +1,8 @@
 """`toolkit compare`: score each variant in its own process, then write JSON, Markdown, charts.
 
-The report folder is written to a temporary sibling and renamed into place when complete, so
-an interrupted comparison leaves the previous report intact.
+The report folder is written through `atomic.atomic_dir` (a temporary sibling renamed into
+place when complete, the old report restored if that fails), so an interrupted comparison
+leaves the previous report intact.
 """
 
 from __future__ import annotations
@@ -9,8 +10,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import shutil
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from toolkit.atomic import atomic_dir
 from toolkit.compare.charts import french_vs_english, quality_vs_size
 from toolkit.compare.scoring import VariantScore, score_variant
 from toolkit.config import DataSection
@@ -105,9 +105,7 @@ def run_compare(variants: list[str], *, data: Path, out: Path, max_new_tokens: i
             scores.append(_score_in_child(spec, data, prompt, max_new_tokens, threads))
             console.print(f"scored {spec} in {scores[-1].seconds:.0f} s")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out, overwrite=True) as tmp:  # existence was checked before scoring
         payload: dict[str, Any] = {
             "data": str(data), "max_new_tokens": max_new_tokens, "threads": threads,
             "system_prompt": prompt, "variants": [s.to_dict() for s in scores],
@@ -116,12 +114,6 @@ def run_compare(variants: list[str], *, data: Path, out: Path, max_new_tokens: i
         (tmp / "compare.md").write_text(markdown_table(scores))
         quality_vs_size(scores, tmp / "quality_vs_size.png")
         french_vs_english(scores, tmp / "fr_vs_en.png")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     console.print(_rich_table(scores))
     console.print(f"wrote {out}/compare.json, compare.md, quality_vs_size.png, fr_vs_en.png")
     return scores

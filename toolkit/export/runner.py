@@ -26,8 +26,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from toolkit.artifacts import ExportReport, has_export_report, read_export
+from toolkit.atomic import ExportExistsError, atomic_dir, sigterm_as_interrupt
 from toolkit.errors import DataError, ToolkitError
-from toolkit.export.atomic import ExportExistsError, atomic_dir, sigterm_as_interrupt
 from toolkit.export.context import ExportContext, VariantResult
 from toolkit.export.registry import (
     REGISTRY,

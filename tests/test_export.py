@@ -258,6 +258,28 @@ def test_format_round_trips_with_a_complete_report(exported: Any, fmt: ExportFor
     assert logits.shape == (1, len(prompt), len(loaded.tokenizer))
 
 
+def test_compare_measures_what_the_report_says(exported: Any,
+                                              export_data: tuple[Path, Path]) -> None:
+    """export verifies and compare scores through the same runtime: the same folder gets the
+    same perplexity, under the system prompt the run was trained with."""
+    import torch
+
+    from toolkit.artifacts import read_export
+    from toolkit.compare.scoring import score_variant
+
+    formats = cpu_formats()
+    fmt = ExportFormat.onnx_int8 if ExportFormat.onnx_int8 in formats else ExportFormat.merged
+    folder = exported.out / fmt.value
+    report = read_export(folder)
+    threads = torch.get_num_threads()
+    try:
+        score = score_variant(str(folder), export_data[1], None, 2, 1)
+    finally:
+        torch.set_num_threads(threads)
+    assert score.system_prompt == SYSTEM_PROMPT == report.system_prompt
+    assert score.perplexity["overall"] == pytest.approx(report.perplexity["overall"], rel=1e-5)
+
+
 @pytest.mark.parametrize("fmt", cpu_formats(), ids=lambda f: f.value)
 def test_export_card_and_files_fit_the_hub(exported: Any, tiny_run: Path,
                                            fmt: ExportFormat) -> None:

@@ -10,9 +10,9 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.artifact_builders import export_report, write_run_manifest
+from tests.artifact_builders import export_report, save_lora_adapter, write_run_manifest
 from tests.serve_helpers import live_gateway
-from toolkit.artifacts import write_export
+from toolkit.artifacts import ADAPTER_DIR, write_export
 from toolkit.serve.engines.batching import TextStream, sample_token
 
 PROMPTS = ["Bonjour le monde", "the patient has a fever and", "x",
@@ -26,7 +26,7 @@ def torch_backend(tiny_model_dir):
         load_transformers,
     )
 
-    tokenizer, model = load_transformers(tiny_model_dir, None, None, quantized=False)
+    tokenizer, model = load_transformers(tiny_model_dir, None, None)
     return tokenizer, TorchStepBackend(model, tokenizer.pad_token_id)
 
 
@@ -179,23 +179,29 @@ def test_stream_disconnect_cancels_decoding(tiny_gateway):
 
 
 def make_lora_run(root: Path, base: Path) -> Path:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(base)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                  init_lora_weights=False))
-    torch.manual_seed(0)
+    """A run folder as training leaves it (adapter r4, manifest through its writer)."""
     run = root / "triage"
-    peft_model.save_pretrained(run / "adapter")
-    AutoTokenizer.from_pretrained(base).save_pretrained(run / "adapter")
+    save_lora_adapter(base, run / ADAPTER_DIR, r=4, alpha=8)
     write_run_manifest(run, base, r=4, alpha=8)
     return run
 
 
 def test_training_run_is_served_with_its_adapter(tmp_path, tiny_model_dir):
+    import torch
+
+    from toolkit.serve.engines.transformers_engine import load_transformers
+    from toolkit.serve.select import resolve_served_model
+
     run = make_lora_run(tmp_path, tiny_model_dir)
+    served = resolve_served_model(str(run))
+    assert served.kind == "run" and served.adapter == (run / ADAPTER_DIR).resolve()
+    # what the engine loads for the run is the base with the adapter in it, not the bare base
+    _, tuned = load_transformers(served.path, served.adapter, served.tokenizer_dir)
+    _, base = load_transformers(served.path, None, None)
+    ids = torch.tensor([[1, 5, 9, 13, 17]])
+    with torch.inference_mode():
+        shift = (tuned(input_ids=ids).logits - base(input_ids=ids).logits).abs().max()
+    assert float(shift) > 1e-2
     with live_gateway(run, max_concurrency=2) as live:
         models = httpx.get(f"{live.base_url}/v1/models").json()["data"]
         assert models[0]["id"] == "triage" and models[0]["format"] == "lora"
@@ -219,7 +225,7 @@ def tiny_onnx_dir(tiny_model_dir, tmp_path_factory):
 
 
 def test_onnx_batched_decoding_matches_solo_and_torch(tiny_onnx_dir, torch_backend):
-    from toolkit.export.onnx_runtime import OnnxCausalLM
+    from toolkit.runtime.onnx_model import OnnxCausalLM
     from toolkit.serve.engines.onnx_engine import OrtStepBackend
 
     tokenizer, torch_be = torch_backend

@@ -302,6 +302,19 @@ def export_format(folder: Path | str) -> ExportFormat:
     return ExportFormat.merged
 
 
+def trained_system_prompt(path: Path | str) -> str | None:
+    """The system prompt the model in `path` was trained with ("" when it was trained without
+    one), or None when the folder records none (a plain model, a bare adapter, an ONNX graph
+    without its report)."""
+    kind = identify(path)
+    if kind is Kind.run:
+        prompt = read_run(path).config.get("data", {}).get("system_prompt")
+        return prompt if isinstance(prompt, str) else None
+    if kind is Kind.export and has_export_report(path):
+        return read_export(path).system_prompt or ""
+    return None
+
+
 # --- shared plumbing ------------------------------------------------------------------------
 
 

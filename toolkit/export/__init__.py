@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 from toolkit.export.registry import ExportFormat, MergeDtype
 
 if TYPE_CHECKING:
-    from toolkit.export.loading import LoadedExport
     from toolkit.export.runner import ExportResult
+    from toolkit.runtime.loading import LoadedExport
 
 __all__ = ["ExportFormat", "ExportResult", "LoadedExport", "MergeDtype", "load_export",
            "run_export"]
@@ -27,15 +27,15 @@ def run_export(*args: Any, **kwargs: Any) -> ExportResult:
 
 
 def load_export(*args: Any, **kwargs: Any) -> LoadedExport:
-    """See `toolkit.export.loading.load_export`."""
-    from toolkit.export.loading import load_export as _load
+    """See `toolkit.runtime.loading.load_export` (export verifies through the runtime)."""
+    from toolkit.runtime.loading import load_export as _load
 
     return _load(*args, **kwargs)
 
 
 def __getattr__(name: str) -> Any:
     if name == "LoadedExport":
-        from toolkit.export.loading import LoadedExport
+        from toolkit.runtime.loading import LoadedExport
 
         return LoadedExport
     if name == "ExportResult":

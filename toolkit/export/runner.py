@@ -284,8 +284,9 @@ def _produce(fmt: ExportFormat, ctx: ExportContext, reference: _Reference | None
              threads: int, speed_tokens: int, overwrite: bool) -> FormatOutcome:
     """Export one format into a temporary folder, verify and measure it, commit it."""
     from toolkit.export.compat import add_v4_compat, copy_support_files
-    from toolkit.export.loading import load_export
-    from toolkit.tokenizer_files import context_length, tidy_tokenizer_config
+    from toolkit.runtime.facts import context_length
+    from toolkit.runtime.loading import load_export
+    from toolkit.tokenizer_files import tidy_tokenizer_config
 
     spec = REGISTRY[fmt]
     target = ctx.out / fmt.value
@@ -321,13 +322,13 @@ def _verify_and_report(fmt: ExportFormat, ctx: ExportContext, reference: _Refere
         folder_sizes,
         logit_scale,
         logits_on,
-        max_model_len,
         measure,
         parameter_count,
         ppl_summary,
         verdict,
     )
     from toolkit.export.vllm_compat import engine_hint, vllm_support
+    from toolkit.runtime.facts import context_length
 
     spec = REGISTRY[fmt]
     is_merged = fmt is ExportFormat.merged
@@ -392,7 +393,7 @@ def _verify_and_report(fmt: ExportFormat, ctx: ExportContext, reference: _Refere
     dtype = _served_dtype(fmt, ctx, work)
     report = ExportReport(
         format=fmt.value, path=str(target), source=ctx.source.describe(), dtype=dtype,
-        quantization=variant.quantization, max_model_len=max_model_len(work),
+        quantization=variant.quantization, max_model_len=context_length(work),
         system_prompt=ctx.source.system_prompt, size_bytes=size_bytes,
         weights_bytes=weights_bytes, fp16_reference_bytes=reference.fp16_bytes,
         size_ratio=weights_bytes / reference.fp16_bytes if reference.fp16_bytes else float("nan"),
@@ -432,8 +433,8 @@ def _reuse_merged(ctx: ExportContext, target: Path, *, encoded: list[Any],
                   speed_tokens: int, overwrite: bool) -> FormatOutcome:
     """Take an earlier merged export of the same adapter as the reference (re-scored)."""
     from toolkit.evaluation import perplexity
-    from toolkit.export.loading import load_export
     from toolkit.export.quality import logits_on, parameter_count, ppl_summary
+    from toolkit.runtime.loading import load_export
 
     ctx.console.rule(f"merged: reusing {target} (same adapter and dtype)")
     loaded = load_export(target, fmt=ExportFormat.merged, threads=threads)

@@ -28,11 +28,11 @@ from toolkit.artifacts import (
 )
 from toolkit.errors import ConfigError, ModelSourceError
 from toolkit.formats import FormatSpec, spec_of
+from toolkit.runtime.facts import DEFAULT_CONTEXT_LENGTH, context_length
 from toolkit.serve.settings import EngineChoice, ServeSettings
 
 log = logging.getLogger("toolkit.serve")
 
-DEFAULT_MAX_MODEL_LEN = 2048
 
 
 @dataclass
@@ -79,19 +79,7 @@ class ServedModel:
             return override
         if self.max_model_len:
             return int(self.max_model_len)
-        return config_context_length(self.path)
-
-
-def config_context_length(path: Path) -> int:
-    """`max_position_embeddings` (or a sibling name) from config.json, else 2048."""
-    config_file = path / "config.json"
-    if config_file.is_file():
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-        text = config.get("text_config") or config
-        for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-            if isinstance(text.get(key), int):
-                return int(text[key])
-    return DEFAULT_MAX_MODEL_LEN
+        return context_length(self.path) or DEFAULT_CONTEXT_LENGTH
 
 
 def resolve_served_model(model: str, model_name: str | None = None) -> ServedModel:

@@ -1,6 +1,6 @@
 """The embedded ONNX Runtime engine for `onnx` and `onnx-int8` exports.
 
-The session comes from `toolkit.export.onnx_runtime.OnnxCausalLM` (same graph contract:
+The session comes from `toolkit.runtime.onnx_model.OnnxCausalLM` (same graph contract:
 `input_ids`, `attention_mask`, `position_ids`, `past_key_values.{i}.key/value` in, `logits` and
 `present.*` out). Its own `generate` decodes one fixed batch; serving needs requests to join a
 running batch at step boundaries, so this module drives the session step by step with the
@@ -15,9 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from toolkit.export.onnx_runtime import left_pad
+from toolkit.runtime.facts import eos_token_ids
+from toolkit.runtime.onnx_model import left_pad
 from toolkit.serve.engines.base import EngineInfo
-from toolkit.serve.engines.embedded import EmbeddedEngine, eos_token_ids
+from toolkit.serve.engines.embedded import EmbeddedEngine
 
 _KV_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -111,20 +112,14 @@ def build_onnx_engine(info: EngineInfo, path: Path, max_batch: int,
     """
 
     def load() -> tuple[Any, OrtStepBackend, frozenset[int]]:
-        from transformers import AutoTokenizer, GenerationConfig
-
-        from toolkit.data.prompts import ensure_chat_template
-        from toolkit.export.onnx_runtime import OnnxCausalLM
         from toolkit.extras import require
+        from toolkit.runtime.loading import generation_config, load_tokenizer
+        from toolkit.runtime.onnx_model import OnnxCausalLM
 
         require("onnxruntime", "--engine onnxruntime")
         lm = OnnxCausalLM.from_dir(path, threads=threads, providers=providers())
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        ensure_chat_template(tokenizer)
-        try:
-            generation = GenerationConfig.from_pretrained(path)
-        except OSError:
-            generation = None
-        return tokenizer, OrtStepBackend(lm), eos_token_ids(tokenizer, generation)
+        tokenizer = load_tokenizer(path)
+        eos = eos_token_ids(tokenizer, generation_config(path))
+        return tokenizer, OrtStepBackend(lm), frozenset(eos)
 
     return EmbeddedEngine(info, load, max_batch)

@@ -15,8 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from toolkit.formats import ExportFormat
+from toolkit.runtime.facts import eos_token_ids
 from toolkit.serve.engines.base import EngineInfo
-from toolkit.serve.engines.embedded import EmbeddedEngine, eos_token_ids
+from toolkit.serve.engines.embedded import EmbeddedEngine
 
 log = logging.getLogger("toolkit.serve")
 
@@ -117,40 +119,17 @@ class TorchStepBackend:
 
 
 def load_transformers(path: Path, adapter: Path | None, tokenizer_dir: Path | None,
-                      quantized: bool) -> tuple[Any, Any]:
-    """Load tokenizer and model for serving (LoRA adapters are merged in memory).
+                      fmt: ExportFormat = ExportFormat.merged) -> tuple[Any, Any]:
+    """Tokenizer and model for serving, loaded by `toolkit.runtime` (the code export measured
+    with): fp32 compute on a CPU, the saved dtype on CUDA, a LoRA adapter merged in memory."""
+    from toolkit.runtime.loading import load_tokenizer, load_transformers_model
 
-    On CPU, half-precision weights are loaded as fp32: CPU kernels for fp16 are slow or
-    missing, and a 135M-7B model's fp32 copy is what the measured CPU numbers use. Quantized
-    exports keep the dtype their quantizer chooses.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from toolkit.data.prompts import ensure_chat_template
-
-    cuda = torch.cuda.is_available()
-    kwargs: dict[str, Any] = {}
-    if quantized:
-        kwargs["device_map"] = "cuda" if cuda else "cpu"
-    else:
-        kwargs["dtype"] = "auto" if cuda else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    if cuda and not quantized:
-        model = model.to("cuda")
-    model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or path)
-    if ensure_chat_template(tokenizer):
-        log.info("%s has no chat template: using the toolkit's ChatML default", tokenizer_dir or path)
-    return tokenizer, model
+    model = load_transformers_model(path, fmt, adapter=adapter)
+    return load_tokenizer(tokenizer_dir or path), model
 
 
 def build_transformers_engine(info: EngineInfo, path: Path, adapter: Path | None,
-                              tokenizer_dir: Path | None, quantized: bool, max_batch: int,
+                              tokenizer_dir: Path | None, fmt: ExportFormat, max_batch: int,
                               threads: int | None) -> EmbeddedEngine:
     """An `EmbeddedEngine` that loads the model with transformers when started."""
 
@@ -162,9 +141,9 @@ def build_transformers_engine(info: EngineInfo, path: Path, adapter: Path | None
 
     def load() -> tuple[Any, TorchStepBackend, frozenset[int]]:
         set_threads()
-        tokenizer, model = load_transformers(path, adapter, tokenizer_dir, quantized)
+        tokenizer, model = load_transformers(path, adapter, tokenizer_dir, fmt)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         backend = TorchStepBackend(model, int(pad or 0))
-        return tokenizer, backend, eos_token_ids(tokenizer, model.generation_config)
+        return tokenizer, backend, frozenset(eos_token_ids(tokenizer, model.generation_config))
 
     return EmbeddedEngine(info, load, max_batch, on_thread_start=set_threads)

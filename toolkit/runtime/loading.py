@@ -1,14 +1,17 @@
-"""Open any export folder behind one interface: tokenizer, report, logits and greedy decoding.
+"""Open any model folder behind one interface: tokenizer, report, logits and greedy decoding.
 
-Export verifies every format through this module, and serve and compare reuse it, so what a
-report measured is what they run. transformers opens merged, bitsandbytes and GPTQ folders;
-ONNX Runtime (`OnnxCausalLM`) opens ONNX ones. On a CPU the PyTorch formats compute in
-fp32 (CPUs have no fast fp16 matmul; fp16-saved weights are upcast exactly), on CUDA in the
-dtype they were saved in.
+Export verifies every format through this module, compare scores with it and serve's
+embedded engines load their weights with `load_transformers_model` / `OnnxCausalLM` and
+`load_tokenizer` from here, so what a report measured is what they run. transformers opens
+merged, bitsandbytes and GPTQ folders, plain HF folders and base + LoRA adapter (merged in
+memory); ONNX Runtime (`OnnxCausalLM`) opens ONNX ones. On a CPU the PyTorch formats
+compute in fp32 (CPUs have no fast fp16 matmul; fp16-saved weights are upcast exactly), on
+CUDA in the dtype they were saved in.
 """
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +29,9 @@ from toolkit.artifacts import (
 from toolkit.errors import ModelSourceError
 from toolkit.evaluation import LogitsFn
 from toolkit.formats import REGISTRY, ExportFormat
+from toolkit.runtime.facts import eos_token_ids
+
+log = logging.getLogger("toolkit.runtime")
 
 
 @dataclass
@@ -40,7 +46,7 @@ class LoadedExport:
         report: the folder's `ExportReport` (None while export is still verifying it, or for
             a plain model folder).
         logits_fn: token ids (1, T) -> logits (1, T, vocab), an `evaluation.LogitsFn`.
-        eos_token_ids: tokens that end a reply (generation config + tokenizer).
+        eos_token_ids: tokens that end a reply (`facts.eos_token_ids`).
         model: the transformers model or the `OnnxCausalLM`.
     """
 
@@ -70,28 +76,39 @@ class LoadedExport:
         return self.logits_fn(input_ids)
 
 
-def eos_ids(tokenizer: Any, generation_config: Any = None) -> list[int]:
-    """EOS ids from the generation config, plus the tokenizer's."""
-    configured = getattr(generation_config, "eos_token_id", None) if generation_config else None
-    ids = configured if isinstance(configured, list) else [configured]
-    out = [int(i) for i in ids if i is not None]
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in out:
-        out.append(int(tokenizer.eos_token_id))
-    return out
-
-
-def _load_tokenizer(path: Path) -> Any:
+def load_tokenizer(path: Path) -> Any:
+    """The folder's tokenizer, given toolkit's ChatML template when it has none (logged)."""
     from transformers import AutoTokenizer
 
     from toolkit.data.prompts import ensure_chat_template
 
     tokenizer = AutoTokenizer.from_pretrained(path)
-    ensure_chat_template(tokenizer)
+    if ensure_chat_template(tokenizer):
+        log.info("%s has no chat template: using the toolkit's ChatML default", path)
     return tokenizer
 
 
-def load_transformers_model(path: Path, fmt: ExportFormat, device: str | None = None) -> Any:
-    """from_pretrained for the PyTorch formats, in the dtype that computes well here."""
+def generation_config(path: Path) -> Any:
+    """The folder's `GenerationConfig`, or None when it has none."""
+    if not (Path(path) / "generation_config.json").is_file():
+        return None
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(path)
+    except OSError:
+        return None
+
+
+def load_transformers_model(path: Path, fmt: ExportFormat = ExportFormat.merged,
+                            device: str | None = None, adapter: Path | None = None) -> Any:
+    """from_pretrained for the PyTorch formats, in the dtype that computes well here.
+
+    Args:
+        fmt: what the folder holds (a plain HF folder is `merged`).
+        device: "cpu" or "cuda" (default: cuda when available).
+        adapter: a peft LoRA adapter to merge into the weights in memory (a training run).
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -99,19 +116,18 @@ def load_transformers_model(path: Path, fmt: ExportFormat, device: str | None = 
 
     device = device or ("cuda" if cuda_available() else "cpu")
     kwargs: dict[str, Any] = {"device_map": device}
-    if fmt in (ExportFormat.bnb_int8, ExportFormat.bnb_nf4):
-        import logging
-
+    spec = REGISTRY[fmt]
+    if spec.family != "transformers":
+        raise ValueError(f"{fmt.value} is not loaded with transformers")
+    bnb = spec.method == "bitsandbytes"
+    if spec.quantized:
         from toolkit.extras import require
 
-        require("bitsandbytes", f"loading a {fmt.value} export")
+        for module in spec.modules:
+            require(module, f"loading a {fmt.value} export")
+    if bnb:
         # "MatMul8bitLt: inputs will be cast to float16" is logged on every int8 matmul
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    if fmt is ExportFormat.gptq_int4:
-        from toolkit.extras import require
-
-        require("gptqmodel", f"loading a {fmt.value} export")
-        require("optimum", f"loading a {fmt.value} export")
     if device == "cpu":
         kwargs["dtype"] = torch.float32
     else:
@@ -119,7 +135,11 @@ def load_transformers_model(path: Path, fmt: ExportFormat, device: str | None = 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if device == "cpu" and fmt in (ExportFormat.bnb_int8, ExportFormat.bnb_nf4):
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    if device == "cpu" and bnb:
         _bnb_compute_fp32(model)
     model.eval()
     return model
@@ -181,14 +201,18 @@ def _torch_logits(model: Any) -> LogitsFn:
 
 
 def load_export(path: Path | str, *, fmt: ExportFormat | str | None = None,
-                threads: int | None = None, device: str | None = None) -> LoadedExport:
-    """Open an export folder (any format) for scoring and greedy generation.
+                threads: int | None = None, device: str | None = None,
+                adapter: Path | None = None, tokenizer_dir: Path | None = None) -> LoadedExport:
+    """Open an export folder (any format), a plain HF folder, or a base + LoRA adapter, for
+    scoring and greedy generation.
 
     Args:
-        path: a folder written by `toolkit export` (or a plain merged HF folder).
+        path: a folder written by `toolkit export`, a plain HF folder, or a run's base.
         fmt: the format when known (export passes it while the report is not written yet).
         threads: ONNX Runtime intra-op threads (PyTorch uses the process setting).
         device: "cpu" or "cuda" for the PyTorch formats (default: cuda when available).
+        adapter: a peft adapter merged into `path`'s weights in memory.
+        tokenizer_dir: where the tokenizer lives when not in `path` (a run's adapter).
 
     Raises:
         ModelSourceError: not an export folder. MissingExtraError: its backend is missing.
@@ -198,13 +222,12 @@ def load_export(path: Path | str, *, fmt: ExportFormat | str | None = None,
         raise ModelSourceError(f"{path}: no such export folder")
     fmt = ExportFormat(fmt) if fmt is not None else export_format(path)
     report = read_export(path) if has_export_report(path) else None
-    tokenizer = _load_tokenizer(path)
+    tokenizer = load_tokenizer(tokenizer_dir or path)
     if REGISTRY[fmt].family == "onnx":
-        from toolkit.export.onnx_runtime import OnnxCausalLM
+        from toolkit.runtime.onnx_model import OnnxCausalLM
 
         onnx_model = OnnxCausalLM.from_dir(path, threads=threads)
-        generation_config = _generation_config(path)
-        eos = eos_ids(tokenizer, generation_config)
+        eos = eos_token_ids(tokenizer, generation_config(path))
 
         def onnx_generate(prompt_ids: list[int], max_new_tokens: int, stop_at_eos: bool) -> list[int]:
             return onnx_model.generate_all([prompt_ids], max_new_tokens,
@@ -212,15 +235,8 @@ def load_export(path: Path | str, *, fmt: ExportFormat | str | None = None,
 
         return LoadedExport(path, fmt, "onnxruntime", tokenizer, report,
                             lambda ids: onnx_model.logits(ids), eos, onnx_model, onnx_generate)
-    model = load_transformers_model(path, fmt, device)
-    eos = eos_ids(tokenizer, getattr(model, "generation_config", None))
+    model = load_transformers_model(path, fmt, device, adapter)
+    eos = eos_token_ids(tokenizer, getattr(model, "generation_config", None))
     return LoadedExport(path, fmt, "transformers", tokenizer, report, _torch_logits(model), eos,
                         model, _torch_greedy(model, eos))
 
-
-def _generation_config(path: Path) -> Any:
-    if not (path / "generation_config.json").is_file():
-        return None
-    from transformers import GenerationConfig
-
-    return GenerationConfig.from_pretrained(path)

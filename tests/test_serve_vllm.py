@@ -19,16 +19,12 @@ import pytest
 
 from tests.artifact_builders import make_export, write_run_manifest
 from tests.conftest import REPO_ROOT
-from tests.serve_helpers import live_gateway
-from tests.test_serve_app import sample, sse_events
+from tests.serve_helpers import FAKE, live_gateway, sample, sse_events
 from toolkit.errors import ConfigError
 from toolkit.serve import ServeSettings
 from toolkit.serve.engines.vllm_flags import vllm_args, vllm_env
 from toolkit.serve.select import choose_engine, resolve_served_model
 from toolkit.serve.settings import EngineChoice
-
-FAKE = {"engine": "vllm", "vllm_python": Path(sys.executable), "vllm_module": "tests.fake_vllm",
-        "startup_timeout_s": 60.0}
 
 
 def args_for(folder: Path, **settings) -> list[str]:

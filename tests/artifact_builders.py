@@ -17,12 +17,14 @@ from toolkit.artifacts import (
     ADAPTER_DIR,
     ExportReport,
     RunManifest,
+    package_versions,
+    sha256_file,
+    utc_now,
     write_export,
     write_run,
 )
 from toolkit.config import config_from_dict, config_to_dict
 from toolkit.formats import REGISTRY, ExportFormat
-from toolkit.train.manifest import package_versions, sha256_file, utc_now
 
 
 def save_lora_adapter(base: Path, folder: Path, *, r: int = 8, alpha: int = 16,
@@ -76,7 +78,7 @@ def write_run_manifest(run_dir: Path, base: Path, *, data: tuple[Path, Path] | N
         adapter_dir=ADAPTER_DIR, chat_template_added=False,
         data={"train": _data_entry(Path(train)),
               "eval": _data_entry(Path(evaluation)) if evaluation else None},
-        versions=package_versions(), device={"type": "cpu", "precision": "fp32"},
+        versions=package_versions(("toolkit", "torch")), device={"type": "cpu", "precision": "fp32"},
         world_size=1, packing=False, metrics={"before": None, "epochs": [], "after": None},
         truncated_examples=0, steps=0, train_tokens=0, wall_time_s=0.0, train_time_s=0.0,
         tokens_per_s=0.0, peak_memory_bytes=0, trainable_params=0, total_params=0,

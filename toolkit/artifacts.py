@@ -13,9 +13,13 @@ says which stage to re-run (or to upgrade).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import platform
+from datetime import datetime, timezone
 from enum import Enum
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -313,6 +317,34 @@ def trained_system_prompt(path: Path | str) -> str | None:
     if kind is Kind.export and has_export_report(path):
         return read_export(path).system_prompt or ""
     return None
+
+
+# --- provenance: what a manifest or report records about how it was made --------------
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def package_versions(names: tuple[str, ...]) -> dict[str, str | None]:
+    """Versions of the packages that determine what a run (or an export) produced."""
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def utc_now() -> str:
+    """Current UTC time, ISO 8601 with seconds."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 # --- shared plumbing ------------------------------------------------------------------------

@@ -25,7 +25,13 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-from toolkit.artifacts import ExportReport, has_export_report, read_export
+from toolkit.artifacts import (
+    ExportReport,
+    has_export_report,
+    package_versions,
+    read_export,
+    utc_now,
+)
 from toolkit.atomic import ExportExistsError, atomic_dir, sigterm_as_interrupt
 from toolkit.errors import DataError, ToolkitError
 from toolkit.export.context import ExportContext, VariantResult
@@ -39,7 +45,6 @@ from toolkit.export.registry import (
     unavailable_reason,
 )
 from toolkit.export.report import TableRow, delta_pct, print_table, write_report
-from toolkit.train.manifest import package_versions, utc_now
 
 DEFAULT_EVAL = Path("data/test.jsonl")
 DEFAULT_CALIBRATION = Path("data/train.jsonl")

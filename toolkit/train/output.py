@@ -9,7 +9,7 @@ continues; a run that fails before training starts leaves nothing behind.
       adapter/          peft adapter + tokenizer (with its chat template)
       checkpoints/      checkpoint-STEP/ (adapter, optimizer, scheduler, RNG): --resume
       progress.json     config and evaluation history so far
-      manifest.json     see toolkit.train.manifest
+      manifest.json     see toolkit.artifacts.RunManifest
 """
 
 from __future__ import annotations

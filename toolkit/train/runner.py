@@ -18,11 +18,19 @@ from typing import Any
 
 from rich.console import Console
 
-from toolkit.artifacts import ADAPTER_DIR, CHECKPOINT_DIR, RunManifest, write_run
+from toolkit.artifacts import (
+    ADAPTER_DIR,
+    CHECKPOINT_DIR,
+    RunManifest,
+    package_versions,
+    sha256_file,
+    utc_now,
+    write_run,
+)
 from toolkit.config import Precision, TrainConfig, config_to_dict
 from toolkit.errors import ConfigError, DataError
 from toolkit.train import output as out
-from toolkit.train.manifest import package_versions, read_manifest, sha256_file, utc_now
+from toolkit.train.manifest import TRAIN_PACKAGES, read_manifest
 
 #: config fields a resumed run must share with the run it continues
 RESUME_FIXED = (("model", None), ("lora", None), ("training", "quantization"))
@@ -373,7 +381,7 @@ def _train(cfg: TrainConfig, plan: out.OutputPlan, args: Any, hardware: Any, res
         chat_template_added=chat_template_added,
         data={"train": _data_entry(train_split),
               "eval": _data_entry(eval_split) if eval_split else None},
-        versions={**package_versions(), "toolkit": __version__},
+        versions={**package_versions(TRAIN_PACKAGES), "toolkit": __version__},
         device={"type": hardware.device, "name": hardware.device_name,
                 "precision": hardware.precision.value,
                 "requested_precision": hardware.requested.value,

@@ -126,7 +126,7 @@ def _load_section(r: ExportReport, folder: str, family: str) -> list[str]:
                 f'model = ORTModelForCausalLM.from_pretrained("{folder}")',
                 f'tokenizer = AutoTokenizer.from_pretrained("{folder}")',
                 "```", "", "```bash", f"toolkit serve {folder}", "```"]
-    if not r.format.startswith("bnb-"):  # vLLM has no bitsandbytes pre-quantized loader
+    if REGISTRY[r.format].method != "bitsandbytes":  # vLLM has no bnb pre-quantized loader
         flag = f" --quantization {r.vllm['quantization']}" if r.vllm.get("quantization") else ""
         lines += ["```bash",
                   f"vllm serve {folder}{flag} --dtype {r.dtype} --max-model-len {r.max_model_len}",

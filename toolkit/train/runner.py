@@ -12,9 +12,10 @@ from __future__ import annotations
 import os
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
@@ -32,8 +33,33 @@ from toolkit.errors import ConfigError, DataError
 from toolkit.train import output as out
 from toolkit.train.manifest import TRAIN_PACKAGES, read_manifest
 
+if TYPE_CHECKING:
+    from toolkit.model_source import ResolvedModel
+    from toolkit.train.dataset import EncodedSplit
+    from toolkit.train.model import Hardware
+
 #: config fields a resumed run must share with the run it continues
 RESUME_FIXED = (("model", None), ("lora", None), ("training", "quantization"))
+
+
+@dataclass
+class _Prepared:
+    """Everything `run_training` checked and built before the weights are loaded."""
+
+    cfg: TrainConfig
+    plan: out.OutputPlan
+    args: Any  # transformers.TrainingArguments (imported lazily)
+    hardware: Hardware
+    resolved: ResolvedModel
+    tokenizer: Any
+    chat_template_added: bool
+    train_split: EncodedSplit
+    eval_split: EncodedSplit | None
+    started: float
+    say: Callable[[str], None]
+    console: Console
+    #: set once trainer.train() began: a failure then keeps the checkpoints for --resume
+    training_started: bool = False
 
 
 @dataclass
@@ -217,13 +243,13 @@ def run_training(
     if main:
         out.prepare(plan)
     _barrier()
-    stage = {"training": False}
+    prepared = _Prepared(cfg, plan, args, hardware, resolved, tokenizer, chat_template_added,
+                         train_split, eval_split, started, say, console)
     try:
-        return _train(cfg, plan, args, hardware, resolved, tokenizer, chat_template_added,
-                      train_split, eval_split, say, started, stage, console)
+        return _train(prepared)
     except BaseException as exc:
         if main:
-            if stage["training"] and out.last_checkpoint(plan.work) is not None:
+            if prepared.training_started and out.last_checkpoint(plan.work) is not None:
                 say(f"[yellow]stopped ({type(exc).__name__}):[/yellow] checkpoints kept in "
                     f"{plan.work}; continue with --resume")
             else:
@@ -278,9 +304,7 @@ def _data_line(cfg: TrainConfig, train_split: Any, eval_split: Any) -> str:
     return "data: " + "; ".join(lines)
 
 
-def _train(cfg: TrainConfig, plan: out.OutputPlan, args: Any, hardware: Any, resolved: Any,
-           tokenizer: Any, chat_template_added: bool, train_split: Any, eval_split: Any,
-           say: Any, started: float, stage: dict[str, bool], console: Console) -> TrainResult:
+def _train(p: _Prepared) -> TrainResult:
     import torch
     from transformers import set_seed
 
@@ -305,6 +329,8 @@ def _train(cfg: TrainConfig, plan: out.OutputPlan, args: Any, hardware: Any, res
         quiet_trainer_output,
     )
 
+    cfg, plan, args, hardware, resolved = p.cfg, p.plan, p.args, p.hardware, p.resolved
+    tokenizer, train_split, eval_split, say = p.tokenizer, p.train_split, p.eval_split, p.say
     main = args.process_index == 0
     world_size = args.world_size
     t = cfg.training
@@ -353,7 +379,7 @@ def _train(cfg: TrainConfig, plan: out.OutputPlan, args: Any, hardware: Any, res
         processing_class=tokenizer, callbacks=callbacks, meter=meter,
     )
     quiet_trainer_output(trainer)
-    stage["training"] = True
+    p.training_started = True
     trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint else None)
     if plan.mode == "copy" and trainer.state.global_step == resumed_step:
         return _keep_finished_run(plan, resumed_step, say, world_size)
@@ -378,7 +404,7 @@ def _train(cfg: TrainConfig, plan: out.OutputPlan, args: Any, hardware: Any, res
                     "revision": resolved.revision, "kind": resolved.kind},
         adapter_dir=ADAPTER_DIR,
         checkpoint_dir=CHECKPOINT_DIR,
-        chat_template_added=chat_template_added,
+        chat_template_added=p.chat_template_added,
         data={"train": _data_entry(train_split),
               "eval": _data_entry(eval_split) if eval_split else None},
         versions={**package_versions(TRAIN_PACKAGES), "toolkit": __version__},
@@ -405,13 +431,13 @@ def _train(cfg: TrainConfig, plan: out.OutputPlan, args: Any, hardware: Any, res
         total_params=total,
     )
     if main:
-        record.wall_time_s = round(time.perf_counter() - started, 2)
+        record.wall_time_s = round(time.perf_counter() - p.started, 2)
     manifest = record.model_dump(mode="json")
     if main:
         finish_adapter(plan.work / ADAPTER_DIR, resolved, manifest, plan.target.name)
         write_run(plan.work, record)
         out.finalize(plan)
-        print_summary(console, manifest, str(plan.target))
+        print_summary(p.console, manifest, str(plan.target))
     _end_processes(world_size)
     return TrainResult(plan.target, manifest)
 

@@ -13,7 +13,8 @@ import pytest
 from tests.artifact_builders import export_report, save_lora_adapter, write_run_manifest
 from tests.serve_helpers import live_gateway
 from toolkit.artifacts import ADAPTER_DIR, write_export
-from toolkit.serve.engines.batching import TextStream, sample_token
+from toolkit.runtime.steps import sample_token
+from toolkit.serve.engines.batching import TextStream
 
 PROMPTS = ["Bonjour le monde", "the patient has a fever and", "x",
            "Quelle est la procédure en cas de chute ?"]
@@ -21,10 +22,8 @@ PROMPTS = ["Bonjour le monde", "the patient has a fever and", "x",
 
 @pytest.fixture(scope="module")
 def torch_backend(tiny_model_dir):
-    from toolkit.serve.engines.transformers_engine import (
-        TorchStepBackend,
-        load_transformers,
-    )
+    from toolkit.runtime.torch_steps import TorchStepBackend
+    from toolkit.serve.engines.transformers_engine import load_transformers
 
     tokenizer, model = load_transformers(tiny_model_dir, None, None)
     return tokenizer, TorchStepBackend(model, tokenizer.pad_token_id)
@@ -226,7 +225,7 @@ def tiny_onnx_dir(tiny_model_dir, tmp_path_factory):
 
 def test_onnx_batched_decoding_matches_solo_and_torch(tiny_onnx_dir, torch_backend):
     from toolkit.runtime.onnx_model import OnnxCausalLM
-    from toolkit.serve.engines.onnx_engine import OrtStepBackend
+    from toolkit.runtime.onnx_steps import OrtStepBackend
 
     tokenizer, torch_be = torch_backend
     backend = OrtStepBackend(OnnxCausalLM.from_dir(tiny_onnx_dir, threads=1))

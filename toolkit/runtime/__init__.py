@@ -1,8 +1,9 @@
 """The one way to open a model folder and generate from it, shared by export, compare and serve.
 
-`facts` (EOS ids, context length) imports nothing heavy; `loading` opens any export, plain
-model or base + adapter with one set of dtype/device rules and one greedy loop;
-`onnx_model` is the ONNX Runtime causal LM. Export verifies with this code, compare scores
+`facts` (EOS ids, pad id, context length) imports nothing heavy; `loading` opens any
+export, plain model or base + adapter with one set of dtype/device rules; `steps` holds the
+`StepBackend` protocol, the token rule (`sample_token`) and the greedy loop that runs on the
+serving backends (`torch_steps`, `onnx_steps`); `onnx_model` is the ONNX Runtime causal LM. Export verifies with this code, compare scores
 with it and the embedded serve engines load with it, so the numbers in an export report are
 those of the code that serves.
 """

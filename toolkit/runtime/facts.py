@@ -37,6 +37,12 @@ def eos_token_ids(tokenizer: Any, generation_config: Any = None) -> list[int]:
     return ids
 
 
+def pad_token_id(tokenizer: Any) -> int:
+    """The id batched rows are left-padded with (masked out): pad, else EOS, else 0."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return int(pad or 0)
+
+
 def context_length(model_dir: Path | str) -> int | None:
     """The folder's context length from config.json (its text config for multimodal models),
     or None when it names none."""

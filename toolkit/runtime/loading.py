@@ -29,7 +29,7 @@ from toolkit.artifacts import (
 from toolkit.errors import ModelSourceError
 from toolkit.evaluation import LogitsFn
 from toolkit.formats import REGISTRY, ExportFormat
-from toolkit.runtime.facts import eos_token_ids
+from toolkit.runtime.facts import eos_token_ids, pad_token_id
 
 log = logging.getLogger("toolkit.runtime")
 
@@ -62,7 +62,8 @@ class LoadedExport:
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int,
                  stop_at_eos: bool = True) -> list[int]:
-        """Greedy batch-1 decoding: the new token ids (an EOS that ends the reply included).
+        """Greedy batch-1 decoding through the serving step backend: the new token ids (an
+        EOS that ends the reply included).
 
         Args:
             stop_at_eos: False decodes exactly `max_new_tokens` (what speed measurements use).
@@ -161,28 +162,14 @@ def _bnb_compute_fp32(model: Any) -> None:
                 setattr(module, name, buf.float())
 
 
-def _torch_greedy(model: Any, eos: list[int]) -> Callable[[list[int], int, bool], list[int]]:
-    """A plain greedy loop over the KV cache: no generation-config surprises, exact length
-    when `stop_at_eos` is False."""
-    import torch
-
-    device = next(model.parameters()).device
+def _stepwise(backend: Any, eos: list[int]) -> Callable[[list[int], int, bool], list[int]]:
+    """Greedy decoding through the serving step backend (`steps.greedy_generate`)."""
+    from toolkit.runtime.steps import greedy_generate
 
     def generate(prompt_ids: list[int], max_new_tokens: int, stop_at_eos: bool) -> list[int]:
-        out: list[int] = []
-        ids = torch.tensor([prompt_ids], device=device)
-        past = None
-        with torch.inference_mode(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for _ in range(max_new_tokens):
-                result = model(input_ids=ids, past_key_values=past, use_cache=True)
-                past = result.past_key_values
-                token = int(result.logits[0, -1].argmax())
-                out.append(token)
-                if stop_at_eos and token in eos:
-                    break
-                ids = torch.tensor([[token]], device=device)
-        return out
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # bitsandbytes warns on every int8 matmul
+            return greedy_generate(backend, prompt_ids, max_new_tokens, eos, stop_at_eos)
 
     return generate
 
@@ -225,18 +212,17 @@ def load_export(path: Path | str, *, fmt: ExportFormat | str | None = None,
     tokenizer = load_tokenizer(tokenizer_dir or path)
     if REGISTRY[fmt].family == "onnx":
         from toolkit.runtime.onnx_model import OnnxCausalLM
+        from toolkit.runtime.onnx_steps import OrtStepBackend
 
         onnx_model = OnnxCausalLM.from_dir(path, threads=threads)
         eos = eos_token_ids(tokenizer, generation_config(path))
-
-        def onnx_generate(prompt_ids: list[int], max_new_tokens: int, stop_at_eos: bool) -> list[int]:
-            return onnx_model.generate_all([prompt_ids], max_new_tokens,
-                                           eos_token_ids=eos if stop_at_eos else ())[0]
-
         return LoadedExport(path, fmt, "onnxruntime", tokenizer, report,
-                            lambda ids: onnx_model.logits(ids), eos, onnx_model, onnx_generate)
+                            lambda ids: onnx_model.logits(ids), eos, onnx_model,
+                            _stepwise(OrtStepBackend(onnx_model), eos))
+    from toolkit.runtime.torch_steps import TorchStepBackend
+
     model = load_transformers_model(path, fmt, device, adapter)
     eos = eos_token_ids(tokenizer, getattr(model, "generation_config", None))
     return LoadedExport(path, fmt, "transformers", tokenizer, report, _torch_logits(model), eos,
-                        model, _torch_greedy(model, eos))
+                        model, _stepwise(TorchStepBackend(model, pad_token_id(tokenizer)), eos))
 

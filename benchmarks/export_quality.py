@@ -23,7 +23,6 @@ more threads can be slower, so unpinned numbers are not comparable.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -72,6 +71,7 @@ def main() -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from toolkit.artifacts import Kind, has_export_report, identify, read_export
     from toolkit.export import ExportFormat, run_export
     from toolkit.export.registry import unavailable_reason
 
@@ -79,13 +79,13 @@ def main() -> int:
     console = Console(width=None if sys.stdout.isatty() else 180)
     if args.from_exports:
         order = [f.value for f in ExportFormat]
-        reports = sorted(args.from_exports.glob("*/export_report.json"),
-                         key=lambda p: order.index(p.parent.name) if p.parent.name in order else 99)
-        outcomes = [(path.parent.name, "reused", json.loads(path.read_text(encoding="utf-8")), "")
-                    for path in reports]
+        folders = sorted((p for p in args.from_exports.iterdir() if has_export_report(p)),
+                         key=lambda p: order.index(p.name) if p.name in order else 99)
+        outcomes = [(folder.name, "reused", read_export(folder).to_dict(), "")
+                    for folder in folders]
         complete = bool(outcomes)
     else:
-        if args.train or not (args.run / "manifest.json").is_file():
+        if args.train or identify(args.run) is not Kind.run:
             train_run(args.run, args.max_steps)
         formats = [f for f in ExportFormat if unavailable_reason(f) is None]
         for fmt in ExportFormat:

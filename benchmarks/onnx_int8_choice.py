@@ -187,8 +187,8 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from toolkit.export.onnx import export_onnx
-    from toolkit.export.onnx_runtime import OnnxCausalLM
     from toolkit.model_source import resolve_model
+    from toolkit.runtime.onnx_model import OnnxCausalLM
 
     model_dir = resolve_model(args.model).path
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

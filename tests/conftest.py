@@ -35,3 +35,15 @@ def embedded_model_dir() -> Path:
 
     return resolve_model("embedded:smollm2-135m").path
 
+
+
+@pytest.fixture(scope="session")
+def train_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(train.jsonl, test.jsonl): 16 and 6 valid FR/EN examples (train tests)."""
+    from tests.train_helpers import make_examples
+    from toolkit.data.schema import write_examples
+
+    folder = tmp_path_factory.mktemp("train-data")
+    write_examples(make_examples(16, "t"), folder / "train.jsonl")
+    write_examples(make_examples(6, "e"), folder / "test.jsonl")
+    return folder / "train.jsonl", folder / "test.jsonl"

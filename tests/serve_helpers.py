@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 
 @dataclass
@@ -180,3 +182,28 @@ class FakeEngine:
                 self.finished += 1
             else:
                 self.cancelled += 1
+
+
+CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hello there"}]}
+
+
+def sample(base_url: str, name: str, **labels: str) -> float:
+    """The value of one series on /metrics (0 when absent)."""
+    text = httpx.get(f"{base_url}/metrics").text
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    return 0.0
+
+
+def sse_events(body: str) -> list[str]:
+    assert body.endswith("\n\n")
+    events = [e for e in body.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events)
+    return [e[len("data: "):] for e in events]
+
+
+#: settings that start the fake vLLM child (tests/fake_vllm.py) instead of a real one
+FAKE = {"engine": "vllm", "vllm_python": Path(sys.executable), "vllm_module": "tests.fake_vllm",
+        "startup_timeout_s": 60.0}

@@ -20,8 +20,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from tests.artifact_builders import make_export
 from tests.conftest import REPO_ROOT
-from tests.test_serve_vllm import make_export
 from toolkit.cli import app as cli_app
 from toolkit.monitoring.contract import TOOLKIT_METRICS
 from toolkit.serve.engines.vllm_flags import vllm_args, vllm_env

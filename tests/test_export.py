@@ -4,7 +4,6 @@ report, atomic writes, refusals, and the messages for formats this machine canno
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -13,12 +12,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from tests.artifact_builders import save_lora_adapter, write_run_manifest
+from toolkit.artifacts import ADAPTER_DIR, REPORT_KEYS
+from toolkit.atomic import ExportExistsError
 from toolkit.cli import app
 from toolkit.errors import ConfigError, DataError, ToolkitError
 from toolkit.export import ExportFormat, load_export, run_export
-from toolkit.export.atomic import ExportExistsError, atomic_dir, clean_stale
 from toolkit.export.registry import parse_dtype, parse_formats, unavailable_reason
-from toolkit.export.report import REPORT_KEYS
 
 runner = CliRunner()
 SYSTEM_PROMPT = "You are a careful hospital assistant for staff."
@@ -59,35 +59,10 @@ def export_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def make_run(folder: Path, base: Path, data: tuple[Path, Path], quantization: str = "none",
              seed: int = 0) -> Path:
     """A training-run folder as `toolkit train` writes it: LoRA r8 on q/v, B perturbed so the
-    adapter visibly changes logits, adapter + tokenizer, manifest.json."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, task_type="CAUSAL_LM",
-                                                  target_modules=["q_proj", "v_proj"]))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
-    peft_model.save_pretrained(folder / "adapter")
-    AutoTokenizer.from_pretrained(base).save_pretrained(folder / "adapter")
-    calibration, evaluation = data
-    manifest = {
-        "manifest_version": 1,
-        "base_model": {"source": str(base), "path": str(base), "revision": None, "kind": "local"},
-        "adapter_dir": "adapter",
-        "config": {"model": {"source": str(base), "revision": None, "trust_remote_code": False},
-                   "training": {"quantization": quantization, "max_seq_len": 256,
-                                "precision": "bf16" if quantization == "nf4" else "fp32"},
-                   "data": {"train": str(calibration), "eval": str(evaluation),
-                            "system_prompt": SYSTEM_PROMPT}},
-        "data": {"train": {"path": str(calibration), "sha256": "-"},
-                 "eval": {"path": str(evaluation), "sha256": "-"}},
-    }
-    (folder / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    adapter visibly changes logits, adapter + tokenizer, the manifest through its writer."""
+    save_lora_adapter(base, folder / ADAPTER_DIR, seed=seed)
+    write_run_manifest(folder, base, data=data, quantization=quantization, max_seq_len=256,
+                       system_prompt=SYSTEM_PROMPT)
     return folder
 
 
@@ -274,7 +249,7 @@ def test_format_round_trips_with_a_complete_report(exported: Any, fmt: ExportFor
     assert (exported.out / "export.log").is_file()  # third-party chatter, not the console
     # reload through the shared loader and generate
     loaded = load_export(folder)
-    assert loaded.format is fmt and loaded.report["format"] == fmt.value
+    assert loaded.format is fmt and loaded.report.format is fmt
     text = loaded.tokenizer.apply_chat_template(
         [{"role": "user", "content": "Bonjour"}], tokenize=False, add_generation_prompt=True)
     prompt = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -282,6 +257,28 @@ def test_format_round_trips_with_a_complete_report(exported: Any, fmt: ExportFor
     assert len(tokens) == 5 and all(isinstance(t, int) for t in tokens)
     logits = loaded.logits_fn(np.asarray([list(prompt)], dtype=np.int64))
     assert logits.shape == (1, len(prompt), len(loaded.tokenizer))
+
+
+def test_compare_measures_what_the_report_says(exported: Any,
+                                              export_data: tuple[Path, Path]) -> None:
+    """export verifies and compare scores through the same runtime: the same folder gets the
+    same perplexity, under the system prompt the run was trained with."""
+    import torch
+
+    from toolkit.artifacts import read_export
+    from toolkit.compare.scoring import score_variant
+
+    formats = cpu_formats()
+    fmt = ExportFormat.onnx_int8 if ExportFormat.onnx_int8 in formats else ExportFormat.merged
+    folder = exported.out / fmt.value
+    report = read_export(folder)
+    threads = torch.get_num_threads()
+    try:
+        score = score_variant(str(folder), export_data[1], None, 2, 1)
+    finally:
+        torch.set_num_threads(threads)
+    assert score.system_prompt == SYSTEM_PROMPT == report.system_prompt
+    assert score.perplexity["overall"] == pytest.approx(report.perplexity["overall"], rel=1e-5)
 
 
 @pytest.mark.parametrize("fmt", cpu_formats(), ids=lambda f: f.value)
@@ -400,37 +397,6 @@ def test_gptq_without_calibration_data_fails_before_any_work(
 
 
 # --- atomic writes -------------------------------------------------------------------------
-
-
-def test_atomic_dir_commits_only_on_success(tmp_path: Path) -> None:
-    target = tmp_path / "fmt"
-    with pytest.raises(RuntimeError), atomic_dir(target) as work:
-        (work / "weights.bin").write_text("half")
-        raise RuntimeError("boom")
-    assert not target.exists() and list(tmp_path.iterdir()) == []
-    with atomic_dir(target) as work:
-        (work / "weights.bin").write_text("v1")
-    assert (target / "weights.bin").read_text() == "v1"
-    with pytest.raises(ExportExistsError), atomic_dir(target):
-        pass
-    with pytest.raises(KeyboardInterrupt), atomic_dir(target, overwrite=True) as work:
-        (work / "weights.bin").write_text("v2")
-        raise KeyboardInterrupt
-    assert (target / "weights.bin").read_text() == "v1"
-    with atomic_dir(target, overwrite=True) as work:
-        (work / "weights.bin").write_text("v2")
-    assert (target / "weights.bin").read_text() == "v2"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["fmt"]
-
-
-def test_stale_folders_of_dead_processes_are_cleaned(tmp_path: Path) -> None:
-    dead = 2**22 + 12345  # above the default pid_max: never a live process
-    (tmp_path / f".merged.partial-{dead}-abcd").mkdir()
-    (tmp_path / f".onnx.replaced-{dead}-abcd").mkdir()  # killed between the two renames
-    (tmp_path / f".gptq.partial-{os.getpid()}-abcd").mkdir()  # a live export: kept
-    clean_stale(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        f".gptq.partial-{os.getpid()}-abcd", "onnx"]
 
 
 @pytest.mark.parametrize("failure", [RuntimeError, KeyboardInterrupt])

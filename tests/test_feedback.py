@@ -11,8 +11,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from typer.testing import CliRunner
 
-from tests.serve_helpers import FakeEngine, serve_app
-from tests.test_serve_app import sample
+from tests.serve_helpers import FakeEngine, sample, serve_app
 from toolkit.cli import app as cli_app
 from toolkit.data.schema import validate_file
 from toolkit.feedback import FeedbackStore, detect_language, export_feedback

@@ -46,7 +46,7 @@ def onnx_export(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 @pytest.fixture(scope="module")
 def onnx_model(onnx_export: tuple[Path, dict]):
-    from toolkit.export.onnx_runtime import OnnxCausalLM
+    from toolkit.runtime.onnx_model import OnnxCausalLM
 
     return OnnxCausalLM.from_dir(onnx_export[0], threads=1)
 
@@ -165,7 +165,7 @@ def test_sampling_is_reproducible_with_a_seed(onnx_model):
 
 @needs_onnx_venv
 def test_int8_stays_close_to_fp32(onnx_export, onnx_model, tmp_path: Path):
-    from toolkit.export.onnx_runtime import OnnxCausalLM
+    from toolkit.runtime.onnx_model import OnnxCausalLM
 
     facts = quantize_onnx_int8(onnx_export[0], tmp_path / "int8")
     int8 = OnnxCausalLM.from_dir(tmp_path / "int8", threads=1)

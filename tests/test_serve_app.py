@@ -13,14 +13,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.serve_helpers import FakeEngine, serve_app
+from tests.serve_helpers import CHAT, FakeEngine, sample, serve_app, sse_events
 from toolkit.feedback.store import FeedbackStore
 from toolkit.monitoring.contract import exposed_series_names
 from toolkit.monitoring.metrics import GatewayMetrics
 from toolkit.serve import ServeSettings
 from toolkit.serve.app import build_app
-
-CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hello there"}]}
 
 
 def make_gateway(tmp_path: Path, engine: FakeEngine | None = None, **settings):
@@ -35,23 +33,6 @@ def make_gateway(tmp_path: Path, engine: FakeEngine | None = None, **settings):
 def gateway(tmp_path: Path):
     with make_gateway(tmp_path) as live:
         yield live
-
-
-def sample(base_url: str, name: str, **labels: str) -> float:
-    """The value of one series on /metrics (0 when absent)."""
-    text = httpx.get(f"{base_url}/metrics").text
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                return s.value
-    return 0.0
-
-
-def sse_events(body: str) -> list[str]:
-    assert body.endswith("\n\n")
-    events = [e for e in body.split("\n\n") if e]
-    assert all(e.startswith("data: ") for e in events)
-    return [e[len("data: "):] for e in events]
 
 
 def test_models_health_ready(gateway):

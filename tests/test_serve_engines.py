@@ -4,15 +4,17 @@ controls, stop strings, LoRA runs, ONNX Runtime, and the official openai client 
 from __future__ import annotations
 
 import concurrent.futures
-import json
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 
+from tests.artifact_builders import export_report, save_lora_adapter, write_run_manifest
 from tests.serve_helpers import live_gateway
-from toolkit.serve.engines.batching import TextStream, sample_token
+from toolkit.artifacts import ADAPTER_DIR, write_export
+from toolkit.runtime.steps import sample_token
+from toolkit.serve.engines.batching import TextStream
 
 PROMPTS = ["Bonjour le monde", "the patient has a fever and", "x",
            "Quelle est la procédure en cas de chute ?"]
@@ -20,12 +22,10 @@ PROMPTS = ["Bonjour le monde", "the patient has a fever and", "x",
 
 @pytest.fixture(scope="module")
 def torch_backend(tiny_model_dir):
-    from toolkit.serve.engines.transformers_engine import (
-        TorchStepBackend,
-        load_transformers,
-    )
+    from toolkit.runtime.torch_steps import TorchStepBackend
+    from toolkit.serve.engines.transformers_engine import load_transformers
 
-    tokenizer, model = load_transformers(tiny_model_dir, None, None, quantized=False)
+    tokenizer, model = load_transformers(tiny_model_dir, None, None)
     return tokenizer, TorchStepBackend(model, tokenizer.pad_token_id)
 
 
@@ -178,24 +178,29 @@ def test_stream_disconnect_cancels_decoding(tiny_gateway):
 
 
 def make_lora_run(root: Path, base: Path) -> Path:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(base)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                  init_lora_weights=False))
-    torch.manual_seed(0)
+    """A run folder as training leaves it (adapter r4, manifest through its writer)."""
     run = root / "triage"
-    peft_model.save_pretrained(run / "adapter")
-    AutoTokenizer.from_pretrained(base).save_pretrained(run / "adapter")
-    (run / "manifest.json").write_text(json.dumps({
-        "base_model": {"source": str(base), "revision": None}, "adapter_dir": "adapter"}))
+    save_lora_adapter(base, run / ADAPTER_DIR, r=4, alpha=8)
+    write_run_manifest(run, base, r=4, alpha=8)
     return run
 
 
 def test_training_run_is_served_with_its_adapter(tmp_path, tiny_model_dir):
+    import torch
+
+    from toolkit.serve.engines.transformers_engine import load_transformers
+    from toolkit.serve.select import resolve_served_model
+
     run = make_lora_run(tmp_path, tiny_model_dir)
+    served = resolve_served_model(str(run))
+    assert served.kind == "run" and served.adapter == (run / ADAPTER_DIR).resolve()
+    # what the engine loads for the run is the base with the adapter in it, not the bare base
+    _, tuned = load_transformers(served.path, served.adapter, served.tokenizer_dir)
+    _, base = load_transformers(served.path, None, None)
+    ids = torch.tensor([[1, 5, 9, 13, 17]])
+    with torch.inference_mode():
+        shift = (tuned(input_ids=ids).logits - base(input_ids=ids).logits).abs().max()
+    assert float(shift) > 1e-2
     with live_gateway(run, max_concurrency=2) as live:
         models = httpx.get(f"{live.base_url}/v1/models").json()["data"]
         assert models[0]["id"] == "triage" and models[0]["format"] == "lora"
@@ -214,15 +219,13 @@ def tiny_onnx_dir(tiny_model_dir, tmp_path_factory):
         export_onnx(tiny_model_dir, out)
     except MissingExtraError as exc:
         pytest.skip(f"no ONNX exporter venv: {exc}")
-    (out / "export_report.json").write_text(json.dumps({
-        "format": "onnx", "quantization": None, "dtype": "fp32", "max_model_len": 1024,
-        "engine_hint": ["onnxruntime"], "vllm": {"loadable": False, "reason": "ONNX"}}))
+    write_export(out, export_report(out, "onnx", dtype="fp32", max_model_len=1024))
     return out
 
 
 def test_onnx_batched_decoding_matches_solo_and_torch(tiny_onnx_dir, torch_backend):
-    from toolkit.export.onnx_runtime import OnnxCausalLM
-    from toolkit.serve.engines.onnx_engine import OrtStepBackend
+    from toolkit.runtime.onnx_model import OnnxCausalLM
+    from toolkit.runtime.onnx_steps import OrtStepBackend
 
     tokenizer, torch_be = torch_backend
     backend = OrtStepBackend(OnnxCausalLM.from_dir(tiny_onnx_dir, threads=1))

@@ -24,8 +24,15 @@ import pytest
 from prometheus_client import CollectorRegistry
 from typer.testing import CliRunner
 
-from tests.serve_helpers import FakeEngine, LiveGateway, live_gateway, serve_app
-from tests.test_serve_app import CHAT, sample, sse_events
+from tests.serve_helpers import (
+    CHAT,
+    FakeEngine,
+    LiveGateway,
+    live_gateway,
+    sample,
+    serve_app,
+    sse_events,
+)
 from toolkit.cli import app as cli_app
 from toolkit.feedback.store import FeedbackStore
 from toolkit.monitoring.metrics import GatewayMetrics
@@ -282,7 +289,7 @@ def test_cli_exposes_the_lifecycle_limits():
 def slow_fake_vllm(monkeypatch):
     """The fake vLLM child, answering one word per 50 ms (400 words take 20 s)."""
     from tests.conftest import REPO_ROOT
-    from tests.test_serve_vllm import FAKE
+    from tests.serve_helpers import FAKE
 
     monkeypatch.setenv("PYTHONPATH", str(REPO_ROOT))
     monkeypatch.setenv("FAKE_VLLM_TOKEN_DELAY_S", "0.05")

@@ -17,27 +17,14 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.artifact_builders import make_export, write_run_manifest
 from tests.conftest import REPO_ROOT
-from tests.serve_helpers import live_gateway
-from tests.test_serve_app import sample, sse_events
+from tests.serve_helpers import FAKE, live_gateway, sample, sse_events
 from toolkit.errors import ConfigError
 from toolkit.serve import ServeSettings
 from toolkit.serve.engines.vllm_flags import vllm_args, vllm_env
 from toolkit.serve.select import choose_engine, resolve_served_model
 from toolkit.serve.settings import EngineChoice
-
-FAKE = {"engine": "vllm", "vllm_python": Path(sys.executable), "vllm_module": "tests.fake_vllm",
-        "startup_timeout_s": 60.0}
-
-
-def make_export(root: Path, fmt: str, report: dict, template: bool = True) -> Path:
-    folder = root / fmt
-    folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps({"max_position_embeddings": 8192}))
-    tok = {"chat_template": "{{ messages }}"} if template else {}
-    (folder / "tokenizer_config.json").write_text(json.dumps(tok))
-    (folder / "export_report.json").write_text(json.dumps({"format": fmt, **report}))
-    return folder
 
 
 def args_for(folder: Path, **settings) -> list[str]:
@@ -52,7 +39,7 @@ def flag(args: list[str], name: str) -> str | None:
 
 def test_flags_for_merged_export(tmp_path):
     folder = make_export(tmp_path, "merged", {"dtype": "fp16", "max_model_len": 2048,
-                                              "quantization": None, "engine_hint": ["vllm"],
+                                              "engine_hint": ["vllm"],
                                               "vllm": {"loadable": True}})
     args = args_for(folder)
     assert flag(args, "--model") == str(folder.resolve())
@@ -107,8 +94,7 @@ def test_auto_engine_choice(tmp_path, tiny_model_dir):
 def make_run(root: Path, base: Path, rank: int = 16) -> Path:
     run = root / "runs" / "triage"
     (run / "adapter").mkdir(parents=True)
-    (run / "manifest.json").write_text(json.dumps({
-        "base_model": {"source": str(base), "revision": None}, "adapter_dir": "adapter"}))
+    write_run_manifest(run, base, r=rank)
     (run / "adapter" / "adapter_config.json").write_text(json.dumps({
         "r": rank, "base_model_name_or_path": str(base), "peft_type": "LORA"}))
     return run

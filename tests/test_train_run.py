@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.test_train import make_config, train_data, write_yaml  # noqa: F401 (fixture)
+from tests.train_helpers import make_config, write_yaml
 from toolkit.train import MANIFEST_KEYS, read_manifest, run_training
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -20,7 +20,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path,
-                 train_data: tuple[Path, Path]) -> Any:  # noqa: F811
+                 train_data: tuple[Path, Path]) -> Any:
     """One 3-epoch packed run shared by the tests that only read its results."""
     cfg = make_config(tiny_model_dir, train_data, epochs=3, precision="fp16")
     return run_training(cfg, tmp_path_factory.mktemp("runs") / "tiny")
@@ -41,7 +41,7 @@ def test_loss_decreases(finished_run: Any) -> None:
 
 
 def test_manifest_has_every_promised_field(finished_run: Any, tiny_model_dir: Path,
-                                           train_data: tuple[Path, Path]) -> None:  # noqa: F811
+                                           train_data: tuple[Path, Path]) -> None:
     from toolkit.model_source import resolve_model
     from toolkit.train.model import cpu_has_native_bf16
 
@@ -117,7 +117,7 @@ def test_no_work_folder_left_behind(finished_run: Any) -> None:
 
 
 def test_template_less_base_gets_the_default_template(
-        tmp_path: Path, tiny_model_dir: Path, train_data: tuple[Path, Path]) -> None:  # noqa: F811
+        tmp_path: Path, tiny_model_dir: Path, train_data: tuple[Path, Path]) -> None:
     import shutil
 
     from transformers import AutoTokenizer
@@ -142,7 +142,7 @@ class Interrupt(Exception):
 
 
 def test_interrupted_run_resumes_from_its_checkpoint(
-        tmp_path: Path, tiny_model_dir: Path, train_data: tuple[Path, Path],  # noqa: F811
+        tmp_path: Path, tiny_model_dir: Path, train_data: tuple[Path, Path],
         monkeypatch: pytest.MonkeyPatch) -> None:
     from toolkit.train.trainer import ToolkitTrainer
 
@@ -194,7 +194,7 @@ def test_interrupted_run_resumes_from_its_checkpoint(
 
 
 def test_resume_refuses_another_lora_recipe(
-        tmp_path: Path, tiny_model_dir: Path, train_data: tuple[Path, Path]) -> None:  # noqa: F811
+        tmp_path: Path, tiny_model_dir: Path, train_data: tuple[Path, Path]) -> None:
     from toolkit.errors import ConfigError
 
     cfg = make_config(tiny_model_dir, train_data, max_steps=1, epochs=1)
@@ -206,7 +206,7 @@ def test_resume_refuses_another_lora_recipe(
 
 
 def test_overwrite_replaces_the_run_only_at_the_end(
-        tmp_path: Path, tiny_model_dir: Path, train_data: tuple[Path, Path]) -> None:  # noqa: F811
+        tmp_path: Path, tiny_model_dir: Path, train_data: tuple[Path, Path]) -> None:
     target = tmp_path / "run"
     target.mkdir()
     (target / "old.txt").write_text("old run")
@@ -231,7 +231,7 @@ def _row_lengths(model_dir: Path, data: tuple[Path, Path]) -> list[int]:
 
 
 def test_two_processes_train_one_adapter(tmp_path: Path, tiny_model_dir: Path,
-                                         train_data: tuple[Path, Path]) -> None:  # noqa: F811
+                                         train_data: tuple[Path, Path]) -> None:
     """torchrun over gloo (accelerate's --cpu launcher silently runs one process)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -262,7 +262,7 @@ def test_two_processes_train_one_adapter(tmp_path: Path, tiny_model_dir: Path,
 
 
 def test_micro_batches_share_one_token_normalised_loss(
-        tmp_path: Path, tiny_model_dir: Path, train_data: tuple[Path, Path],  # noqa: F811
+        tmp_path: Path, tiny_model_dir: Path, train_data: tuple[Path, Path],
         monkeypatch: pytest.MonkeyPatch) -> None:
     """On a CPU a batch runs one row at a time; the loss still divides by the whole batch."""
     from toolkit.train.trainer import ToolkitTrainer

@@ -19,16 +19,6 @@ LOAD_TIME_KEYS = ("local_files_only", "is_local", "cache_dir", "force_download",
 NO_LIMIT = 10**12
 
 
-def context_length(model_dir: Path) -> int | None:
-    """`max_position_embeddings` (or `n_positions`) from the folder's config.json."""
-    path = Path(model_dir) / "config.json"
-    if not path.is_file():
-        return None
-    config = json.loads(path.read_text(encoding="utf-8"))
-    value = config.get("max_position_embeddings") or config.get("n_positions")
-    return int(value) if isinstance(value, int) else None
-
-
 def tidy_tokenizer_config(folder: Path, max_length: int | None) -> list[str]:
     """Drop load-time keys and set a placeholder `model_max_length` to `max_length`.
 

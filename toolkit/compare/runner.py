@@ -1,7 +1,8 @@
 """`toolkit compare`: score each variant in its own process, then write JSON, Markdown, charts.
 
-The report folder is written to a temporary sibling and renamed into place when complete, so
-an interrupted comparison leaves the previous report intact.
+The report folder is written through `atomic.atomic_dir` (a temporary sibling renamed into
+place when complete, the old report restored if that fails), so an interrupted comparison
+leaves the previous report intact.
 """
 
 from __future__ import annotations
@@ -9,8 +10,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import shutil
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -18,15 +17,15 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from toolkit.atomic import atomic_dir
 from toolkit.compare.charts import french_vs_english, quality_vs_size
 from toolkit.compare.scoring import VariantScore, score_variant
-from toolkit.config import DataSection
 from toolkit.data.schema import load_examples
 from toolkit.errors import ToolkitError
 from toolkit.processes import bind_to_parent
 
 
-def _score_in_child(spec: str, data: Path, system_prompt: str, max_new_tokens: int,
+def _score_in_child(spec: str, data: Path, system_prompt: str | None, max_new_tokens: int,
                     threads: int) -> VariantScore:
     context = multiprocessing.get_context("spawn")
     # same process group as ours (Ctrl-C reaches it), but dies with us on a SIGKILL
@@ -86,6 +85,10 @@ def run_compare(variants: list[str], *, data: Path, out: Path, max_new_tokens: i
                 console: Console | None = None) -> list[VariantScore]:
     """Score every variant on `data` and write compare.json, compare.md and two PNG charts.
 
+    Each variant is prompted with the system prompt it was trained with (its run manifest or
+    export report; the training default for a base model) unless `system_prompt` is given,
+    which then applies to all. compare.json records the prompt used per variant.
+
     Raises:
         ToolkitError: no variants, an existing report folder without `overwrite`, or a bad
             data file (checked before any model is loaded).
@@ -96,32 +99,23 @@ def run_compare(variants: list[str], *, data: Path, out: Path, max_new_tokens: i
     if out.exists() and not overwrite:
         raise ToolkitError(f"{out}: report folder exists; pass --overwrite to replace it")
     load_examples(data)
-    prompt = system_prompt if system_prompt is not None else DataSection().system_prompt
 
     scores = []
     with console.status("") as status:
         for index, spec in enumerate(variants, start=1):
             status.update(f"compare: scoring {spec} ({index}/{len(variants)})")
-            scores.append(_score_in_child(spec, data, prompt, max_new_tokens, threads))
+            scores.append(_score_in_child(spec, data, system_prompt, max_new_tokens, threads))
             console.print(f"scored {spec} in {scores[-1].seconds:.0f} s")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out, overwrite=True) as tmp:  # existence was checked before scoring
         payload: dict[str, Any] = {
             "data": str(data), "max_new_tokens": max_new_tokens, "threads": threads,
-            "system_prompt": prompt, "variants": [s.to_dict() for s in scores],
+            "system_prompt": system_prompt, "variants": [s.to_dict() for s in scores],
         }
         (tmp / "compare.json").write_text(json.dumps(payload, indent=2, ensure_ascii=False))
         (tmp / "compare.md").write_text(markdown_table(scores))
         quality_vs_size(scores, tmp / "quality_vs_size.png")
         french_vs_english(scores, tmp / "fr_vs_en.png")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     console.print(_rich_table(scores))
     console.print(f"wrote {out}/compare.json, compare.md, quality_vs_size.png, fr_vs_en.png")
     return scores

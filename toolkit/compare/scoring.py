@@ -25,6 +25,7 @@ class VariantScore:
     path: str
     format: str
     size_bytes: int
+    system_prompt: str
     perplexity: dict[str, Any]
     chrf: dict[str, Any]
     tokens_per_s: float
@@ -59,9 +60,14 @@ def chrf_by_group(examples: list[Example], hypotheses: list[str]) -> dict[str, A
     }
 
 
-def score_variant(spec: str, data: Path, system_prompt: str, max_new_tokens: int,
+def score_variant(spec: str, data: Path, system_prompt: str | None, max_new_tokens: int,
                   threads: int) -> VariantScore:
-    """Load a variant and measure it (runs inside a child process)."""
+    """Load a variant and measure it (runs inside a child process).
+
+    Args:
+        system_prompt: rendered before every example; None uses the one the variant was
+            trained with (its manifest or export report), else the training default.
+    """
     import torch
 
     from toolkit.compare.variants import open_variant
@@ -72,6 +78,12 @@ def score_variant(spec: str, data: Path, system_prompt: str, max_new_tokens: int
     torch.set_num_threads(threads)
     start = time.perf_counter()
     variant = open_variant(spec)
+    if system_prompt is None:
+        system_prompt = variant.system_prompt
+    if system_prompt is None:
+        from toolkit.config import DataSection
+
+        system_prompt = DataSection().system_prompt
     examples = load_examples(data)
     encoded = encode_examples(variant.tokenizer, examples, system_prompt, variant.max_len)
     ppl = perplexity(variant.logits_fn, encoded)
@@ -89,7 +101,7 @@ def score_variant(spec: str, data: Path, system_prompt: str, max_new_tokens: int
         hypotheses.append(variant.tokenizer.decode(out, skip_special_tokens=True).strip())
     return VariantScore(
         name=variant.name, kind=variant.kind, path=str(variant.path), format=variant.format,
-        size_bytes=variant.size_bytes, perplexity=ppl.to_dict(),
+        size_bytes=variant.size_bytes, system_prompt=system_prompt, perplexity=ppl.to_dict(),
         chrf=chrf_by_group(examples, hypotheses),
         tokens_per_s=round(new_tokens / gen_seconds, 2) if gen_seconds else 0.0,
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,

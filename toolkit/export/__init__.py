@@ -14,14 +14,14 @@ from typing import TYPE_CHECKING, Any
 from toolkit.export.registry import ExportFormat, MergeDtype
 
 if TYPE_CHECKING:
-    from toolkit.export.loading import LoadedExport, load_export
     from toolkit.export.runner import ExportResult, run_export
+    from toolkit.runtime.loading import LoadedExport, load_export
 
 __all__ = ["ExportFormat", "ExportResult", "LoadedExport", "MergeDtype", "load_export",
            "run_export"]
 
 _LAZY = {"run_export": "toolkit.export.runner", "ExportResult": "toolkit.export.runner",
-         "load_export": "toolkit.export.loading", "LoadedExport": "toolkit.export.loading"}
+         "load_export": "toolkit.runtime.loading", "LoadedExport": "toolkit.runtime.loading"}
 
 
 def __getattr__(name: str) -> Any:

@@ -12,9 +12,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from toolkit.artifacts import ExportReport
 from toolkit.cards import INTENDED_USE, render_card
 from toolkit.export.registry import REGISTRY, ExportFormat
-from toolkit.export.report import ExportReport, mb, num, signed
+from toolkit.export.report import mb, num, signed
 from toolkit.model_source import ResolvedModel
 
 #: longer quantization settings (measurement tables) stay in export_report.json
@@ -125,7 +126,7 @@ def _load_section(r: ExportReport, folder: str, family: str) -> list[str]:
                 f'model = ORTModelForCausalLM.from_pretrained("{folder}")',
                 f'tokenizer = AutoTokenizer.from_pretrained("{folder}")',
                 "```", "", "```bash", f"toolkit serve {folder}", "```"]
-    if not r.format.startswith("bnb-"):  # vLLM has no bitsandbytes pre-quantized loader
+    if REGISTRY[r.format].method != "bitsandbytes":  # vLLM has no bnb pre-quantized loader
         flag = f" --quantization {r.vllm['quantization']}" if r.vllm.get("quantization") else ""
         lines += ["```bash",
                   f"vllm serve {folder}{flag} --dtype {r.dtype} --max-model-len {r.max_model_len}",

@@ -51,7 +51,7 @@ class ExportContext:
         """Rendered calibration texts and their description (loaded once per command)."""
         if self._calibration is None:
             from toolkit.export.calibration import calibration_texts
-            from toolkit.export.loading import _load_tokenizer
+            from toolkit.runtime.loading import load_tokenizer as _load_tokenizer
 
             if self.calibration_path is None:
                 from toolkit.errors import DataError

@@ -24,12 +24,12 @@ from toolkit.export.context import ExportContext, VariantResult
 from toolkit.export.quality import logit_scale
 from toolkit.export.quality import max_abs_diff as max_diff
 from toolkit.export.source import ExportSource
+from toolkit.formats import dtype_name
 
 #: max |logit diff| / max(1, max |logit|): merged (fp32, in memory) vs adapter-applied
 MERGE_REL_TOL = 1e-4
 #: the saved folder reloaded vs the in-memory merged weights rounded to the saved dtype
 RELOAD_REL_TOL = 1e-4
-_TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 class ExportVerificationError(ToolkitError):
@@ -58,7 +58,7 @@ def load_base_fp32(source: ExportSource) -> Any:
     require("bitsandbytes", "merging a QLoRA (nf4) adapter")
     from transformers import BitsAndBytesConfig
 
-    compute = getattr(torch, _TORCH_DTYPES.get(source.compute_dtype, "bfloat16"))
+    compute = getattr(torch, dtype_name(source.compute_dtype) or "bfloat16", torch.bfloat16)
     if compute is torch.float32:  # QLoRA trains in fp16/bf16 (config rule); bf16 if unknown
         compute = torch.bfloat16
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",

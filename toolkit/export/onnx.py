@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from toolkit.errors import MissingExtraError, ModelSourceError, ToolkitError
-from toolkit.export.onnx_runtime import ONNX_FILE
 from toolkit.processes import owned_tempdir, run_child
+from toolkit.runtime.onnx_model import ONNX_FILE
 
 log = logging.getLogger(__name__)
 

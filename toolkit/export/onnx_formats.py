@@ -16,8 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from toolkit.atomic import PARTIAL_MARK
 from toolkit.errors import ToolkitError
-from toolkit.export.atomic import PARTIAL_MARK
 from toolkit.export.context import ExportContext, VariantResult
 from toolkit.export.registry import ExportFormat
 

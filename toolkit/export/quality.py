@@ -7,7 +7,6 @@ only decides what is compared with what, and what counts as passing.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from toolkit.artifacts import EXPORT_REPORT
 from toolkit.data.prompts import EncodedExample
 from toolkit.evaluation import Perplexity, Speed, measure_speed, perplexity
 
@@ -22,7 +22,7 @@ from toolkit.evaluation import Perplexity, Speed, measure_speed, perplexity
 #: (load, generate) while answering nonsense
 RUINED_DELTA_PCT = 100.0
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".onnx", ".onnx_data", ".onnx.data", ".pt")
-REPORT_FILES = ("export_report.json", "README.md")
+REPORT_FILES = (EXPORT_REPORT, "README.md")
 VERIFY_PROMPTS = 4
 VERIFY_MAX_TOKENS = 128
 
@@ -151,17 +151,6 @@ def parameter_count(model_dir: Path) -> int:
             for key in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
                 count += math.prod(handle.get_slice(key).get_shape())
     return count
-
-
-def max_model_len(model_dir: Path) -> int | None:
-    """config.json's max_position_embeddings (what serve may pass as max_model_len)."""
-    path = Path(model_dir) / "config.json"
-    if not path.is_file():
-        return None
-    config = json.loads(path.read_text(encoding="utf-8"))
-    value = config.get("max_position_embeddings") or (config.get("text_config") or {}).get(
-        "max_position_embeddings")
-    return int(value) if value else None
 
 
 def verdict(delta: float | None, target: float | None, is_reference: bool) -> str:

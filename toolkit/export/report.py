@@ -1,16 +1,12 @@
-"""The quality report of an export: `export_report.json`, a model card, and the table.
-
-`export_report.json` is the contract with the next stages: serve reads `engine_hint`,
-`vllm`, `dtype`, `max_model_len` and `system_prompt` to start an engine; compare reads
-`format`, `size_bytes` and `max_model_len`. Its schema is `ExportReport`'s fields (version
-`REPORT_VERSION`); every field is always present, `null` where it does not apply.
+"""The quality report of an export on screen and on disk: the table, and the writer that puts
+`ExportReport` (defined in `toolkit.artifacts`, the contract with serve and compare) and its
+model card into the folder.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,110 +15,20 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-REPORT_VERSION = 1
-REPORT_NAME = "export_report.json"
+from toolkit.artifacts import ExportReport, write_export
+
 CARD_NAME = "README.md"
 TABLE_WIDTH = 140
 
 
-@dataclass
-class ExportReport:
-    """Everything known about one export folder.
+def write_report(report: ExportReport, folder: Path) -> tuple[Path, Path]:
+    """Write `export_report.json` and the model card `README.md` into `folder`."""
+    from toolkit.export.card import model_card
 
-    Attributes:
-        report_version: schema version of this file.
-        format: the `ExportFormat` value.
-        created: UTC ISO 8601 time the folder was committed.
-        toolkit_version: the toolkit that wrote it.
-        path: the export folder.
-        source: {path, run_dir, adapter_dir, adapter_sha256, base_model{source, path,
-            revision, kind}, qlora, compute_dtype}: what was exported.
-        dtype: dtype of the unquantized tensors and of the activations to serve with
-            ("float16"...; what vLLM's `--dtype` takes).
-        quantization: {method: none|bitsandbytes|gptq|onnxruntime, bits, ...} with the
-            settings the exporter chose and why.
-        max_model_len: the model's context length (config max_position_embeddings).
-        system_prompt: the training system prompt; serve renders it before user turns.
-        size_bytes: every file in the folder (weights, tokenizer, configs) except this
-            report and the model card.
-        weights_bytes: the weight files only (.safetensors/.bin/.onnx/.onnx_data).
-        fp16_reference_bytes: parameters of the merged model x 2 bytes.
-        size_ratio: weights_bytes / fp16_reference_bytes.
-        perplexity: {overall, fr, en, loss, tokens, by_language, by_category} on the
-            held-out answers (prompt tokens are context, not scored).
-        reference_perplexity: {overall, fr, en} of the merged model (the reference).
-        perplexity_delta_pct: {overall, fr, en}: 100 * (ppl / reference - 1).
-        quality: {target_delta_pct, within_target, verdict}: verdict is "reference",
-            "ok" (within target), "degraded" (beyond it; the export is still usable).
-        speed: {tokens_per_s, new_tokens, seconds, threads, engine}: greedy batch-1.
-        verification: {passed, reference, max_abs_logit_diff, tolerance, prompts,
-            generate_ok, sample, checks[], ...format-specific}.
-        vllm: {loadable, quantization, reason, checked, version, device}.
-        engine_hint: engines that can serve this folder here, best first
-            ("vllm", "transformers", "onnxruntime").
-        eval_data: {path, sha256, examples, by_language}.
-        calibration: {path, sha256, examples, by_language} or null.
-        export_seconds: wall time of this format (export + verification + measurement).
-        versions: package versions that produced it.
-        warnings: what a user should know (degraded quality, unloadable in vLLM...).
-    """
-
-    format: str
-    path: str
-    source: dict[str, Any]
-    dtype: str
-    quantization: dict[str, Any]
-    max_model_len: int | None
-    system_prompt: str | None
-    size_bytes: int
-    weights_bytes: int
-    fp16_reference_bytes: int
-    size_ratio: float
-    perplexity: dict[str, Any]
-    reference_perplexity: dict[str, Any]
-    perplexity_delta_pct: dict[str, Any]
-    quality: dict[str, Any]
-    speed: dict[str, Any]
-    verification: dict[str, Any]
-    vllm: dict[str, Any]
-    engine_hint: list[str]
-    eval_data: dict[str, Any]
-    calibration: dict[str, Any] | None
-    export_seconds: float
-    versions: dict[str, str | None]
-    warnings: list[str] = field(default_factory=list)
-    created: str = ""
-    toolkit_version: str = ""
-    report_version: int = REPORT_VERSION
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able form (NaN becomes null)."""
-        return _clean(asdict(self))
-
-    def write(self, folder: Path) -> tuple[Path, Path]:
-        """Write `export_report.json` and the model card `README.md` into `folder`."""
-        report_path = Path(folder) / REPORT_NAME
-        report_path.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n",
-                               encoding="utf-8")
-        from toolkit.export.card import model_card
-
-        card_path = Path(folder) / CARD_NAME
-        card_path.write_text(model_card(self), encoding="utf-8")
-        return report_path, card_path
-
-
-#: every key of export_report.json (tests and readers check against this)
-REPORT_KEYS: tuple[str, ...] = tuple(f.name for f in fields(ExportReport))
-
-
-def _clean(value: Any) -> Any:
-    if isinstance(value, float):
-        return None if math.isnan(value) or math.isinf(value) else float(f"{value:.7g}")
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value
+    report_path = write_export(folder, report)
+    card_path = Path(folder) / CARD_NAME
+    card_path.write_text(model_card(report), encoding="utf-8")
+    return report_path, card_path
 
 
 def delta_pct(value: float | None, reference: float | None) -> float | None:

@@ -18,15 +18,22 @@ from __future__ import annotations
 import gc
 import shutil
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
 
+from toolkit.artifacts import (
+    ExportReport,
+    has_export_report,
+    package_versions,
+    read_export,
+    utc_now,
+)
+from toolkit.atomic import ExportExistsError, atomic_dir, sigterm_as_interrupt
 from toolkit.errors import DataError, ToolkitError
-from toolkit.export.atomic import ExportExistsError, atomic_dir, sigterm_as_interrupt
 from toolkit.export.context import ExportContext, VariantResult
 from toolkit.export.registry import (
     REGISTRY,
@@ -37,10 +44,9 @@ from toolkit.export.registry import (
     parse_formats,
     unavailable_reason,
 )
-from toolkit.export.report import ExportReport, TableRow, delta_pct, print_table
+from toolkit.export.report import TableRow, delta_pct, print_table, write_report
 from toolkit.logs import route_logs
 from toolkit.shipped import resolve_user_path
-from toolkit.train.manifest import package_versions, utc_now
 
 DEFAULT_EVAL = Path("data/test.jsonl")
 DEFAULT_CALIBRATION = Path("data/train.jsonl")
@@ -115,16 +121,21 @@ def _resolve_data(path: Path | None, recorded: Path | None, default: Path, what:
 
 def _reusable_merged(target: Path, ctx: ExportContext) -> bool:
     """An existing merged export of the same adapter, base and dtype (a no-op to redo)."""
-    from toolkit.export.loading import read_report
+    from toolkit.artifacts import ArtifactError
     from toolkit.export.source import adapter_fingerprint
 
-    report = read_report(target)
-    if report.get("format") != ExportFormat.merged.value:
+    if not has_export_report(target):
         return False
-    source = report.get("source") or {}
+    try:
+        report = read_export(target)
+    except ArtifactError:
+        return False  # an older or damaged report: export again
+    if report.format is not ExportFormat.merged:
+        return False
+    source = report.source
     return (source.get("adapter_sha256") == adapter_fingerprint(ctx.source.adapter_dir)
             and (source.get("base_model") or {}).get("source") == ctx.source.base.source
-            and report.get("dtype") == ctx.dtype.torch_name)
+            and report.dtype == ctx.dtype.torch_name)
 
 
 def run_export(
@@ -291,8 +302,9 @@ def _produce(fmt: ExportFormat, ctx: ExportContext, reference: _Reference | None
              threads: int, speed_tokens: int, overwrite: bool) -> FormatOutcome:
     """Export one format into a temporary folder, verify and measure it, commit it."""
     from toolkit.export.compat import add_v4_compat, copy_support_files
-    from toolkit.export.loading import load_export
-    from toolkit.tokenizer_files import context_length, tidy_tokenizer_config
+    from toolkit.runtime.facts import context_length
+    from toolkit.runtime.loading import load_export
+    from toolkit.tokenizer_files import tidy_tokenizer_config
 
     spec = REGISTRY[fmt]
     target = ctx.out / fmt.value
@@ -328,13 +340,13 @@ def _verify_and_report(fmt: ExportFormat, ctx: ExportContext, reference: _Refere
         folder_sizes,
         logit_scale,
         logits_on,
-        max_model_len,
         measure,
         parameter_count,
         ppl_summary,
         verdict,
     )
     from toolkit.export.vllm_compat import engine_hint, vllm_support
+    from toolkit.runtime.facts import context_length
 
     spec = REGISTRY[fmt]
     is_merged = fmt is ExportFormat.merged
@@ -399,7 +411,7 @@ def _verify_and_report(fmt: ExportFormat, ctx: ExportContext, reference: _Refere
     dtype = _served_dtype(fmt, ctx, work)
     report = ExportReport(
         format=fmt.value, path=str(target), source=ctx.source.describe(), dtype=dtype,
-        quantization=variant.quantization, max_model_len=max_model_len(work),
+        quantization=variant.quantization, max_model_len=context_length(work),
         system_prompt=ctx.source.system_prompt, size_bytes=size_bytes,
         weights_bytes=weights_bytes, fp16_reference_bytes=reference.fp16_bytes,
         size_ratio=weights_bytes / reference.fp16_bytes if reference.fp16_bytes else float("nan"),
@@ -413,7 +425,7 @@ def _verify_and_report(fmt: ExportFormat, ctx: ExportContext, reference: _Refere
         export_seconds=time.perf_counter() - started, versions=versions,
         warnings=warnings, created=utc_now(), toolkit_version=versions["toolkit"] or "",
     )
-    report.write(work)
+    write_report(report, work)
     return report
 
 
@@ -439,8 +451,8 @@ def _reuse_merged(ctx: ExportContext, target: Path, *, encoded: list[Any],
                   speed_tokens: int, overwrite: bool) -> FormatOutcome:
     """Take an earlier merged export of the same adapter as the reference (re-scored)."""
     from toolkit.evaluation import perplexity
-    from toolkit.export.loading import load_export, read_report
     from toolkit.export.quality import logits_on, parameter_count, ppl_summary
+    from toolkit.runtime.loading import load_export
 
     ctx.console.rule(f"merged: reusing {target} (same adapter and dtype)")
     loaded = load_export(target, fmt=ExportFormat.merged, threads=threads)
@@ -449,20 +461,7 @@ def _reuse_merged(ctx: ExportContext, target: Path, *, encoded: list[Any],
                                parameter_count(target) * 2)
     ctx.merged_dir = target
     ctx.produced[ExportFormat.merged] = target
-    stored = read_report(target)
-    report = _report_from_dict(stored)
-    if report is not None:
-        report = replace(report, perplexity=ppl)
+    report = read_export(target).model_copy(update={"perplexity": ppl})
     del loaded
     gc.collect()
     return FormatOutcome(ExportFormat.merged, "reused", target, report)
-
-
-def _report_from_dict(data: dict[str, Any]) -> ExportReport | None:
-    from dataclasses import fields
-
-    names = {f.name for f in fields(ExportReport)}
-    try:
-        return ExportReport(**{k: v for k, v in data.items() if k in names})
-    except TypeError:
-        return None

@@ -8,18 +8,23 @@ whether the base was trained 4-bit); a bare adapter folder carries only its
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from toolkit.artifacts import (
+    ADAPTER_CONFIG,
+    DEFAULT_MAX_SEQ_LEN,
+    RUN_MANIFEST,
+    Kind,
+    RunManifest,
+    identify,
+    read_run,
+)
 from toolkit.errors import ToolkitError
 from toolkit.model_source import ResolvedModel
 
-MANIFEST_NAME = "manifest.json"
-ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-#: used when a bare adapter folder gives no config (the TrainConfig defaults)
-DEFAULT_MAX_SEQ_LEN = 1024
 
 
 @dataclass(frozen=True)
@@ -31,7 +36,7 @@ class ExportSource:
         run_dir: the training run, or None for a bare adapter folder.
         adapter_dir: the peft adapter (with the tokenizer and chat template when trained here).
         base: the base model, resolved to a local folder.
-        manifest: the run's manifest, or {} for a bare adapter.
+        manifest: the run's manifest, or None for a bare adapter.
         system_prompt: rendered before every example, as in training (None: no system turn).
         max_seq_len: longer held-out examples are truncated, as in training.
         qlora: the adapter was trained on a 4-bit NF4 base (merge into the de-quantized base).
@@ -45,7 +50,7 @@ class ExportSource:
     run_dir: Path | None
     adapter_dir: Path
     base: ResolvedModel
-    manifest: dict[str, Any] = field(default_factory=dict)
+    manifest: RunManifest | None = None
     system_prompt: str | None = None
     max_seq_len: int = DEFAULT_MAX_SEQ_LEN
     qlora: bool = False
@@ -88,33 +93,12 @@ def adapter_fingerprint(adapter_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def read_run_manifest(run_dir: Path) -> dict[str, Any]:
-    """The run's manifest through the train stage's reader (same errors as `toolkit train`)."""
-    try:
-        from toolkit.train import read_manifest
-    except ImportError:  # a build without the train stage: read the JSON directly
-        path = run_dir / MANIFEST_NAME
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ToolkitError(f"{path}: cannot read the run manifest ({exc})") from None
-    return read_manifest(run_dir)
-
-
-def _data_path(manifest: dict[str, Any], split: str) -> Path | None:
-    entry = (manifest.get("data") or {}).get(split)
-    if isinstance(entry, dict) and entry.get("path"):
-        return Path(entry["path"])
-    configured = ((manifest.get("config") or {}).get("data") or {}).get(split)
-    return Path(configured) if configured else None
-
-
 def _check_adapter(adapter_dir: Path, label: str) -> dict[str, Any]:
     config_path = adapter_dir / ADAPTER_CONFIG
     if not config_path.is_file():
         raise ToolkitError(
             f"{label}: no {ADAPTER_CONFIG} in {adapter_dir}; pass a training run folder "
-            "(manifest.json + adapter/) or a peft adapter folder"
+            f"({RUN_MANIFEST} + adapter/) or a peft adapter folder"
         )
     if not any((adapter_dir / name).is_file() for name in ADAPTER_WEIGHTS):
         raise ToolkitError(f"{label}: {adapter_dir} has no adapter weights "
@@ -137,27 +121,17 @@ def resolve_source(path: Path | str) -> ExportSource:
     path = Path(path)
     if not path.is_dir():
         raise ToolkitError(f"{path}: no such folder; pass a training run or a peft adapter folder")
-    if (path / MANIFEST_NAME).is_file():
-        manifest = read_run_manifest(path)
-        adapter_dir = path / str(manifest.get("adapter_dir") or "adapter")
+    if identify(path) is Kind.run:
+        manifest = read_run(path)
+        adapter_dir = manifest.adapter_path(path)
         _check_adapter(adapter_dir, str(path))
-        base = manifest.get("base_model") or {}
-        if not base.get("source"):
-            raise ToolkitError(f"{path / MANIFEST_NAME}: no base_model.source; re-run training")
-        resolved = resolve_model(str(base["source"]), base.get("revision"))
-        config = manifest.get("config") or {}
-        training = config.get("training") or {}
-        data = config.get("data") or {}
-        prompt = data.get("system_prompt")
+        resolved = resolve_model(manifest.base_model.source, manifest.base_model.revision)
         return ExportSource(
             path=path, run_dir=path, adapter_dir=adapter_dir, base=resolved, manifest=manifest,
-            system_prompt=prompt if prompt else None,
-            max_seq_len=int(training.get("max_seq_len") or DEFAULT_MAX_SEQ_LEN),
-            qlora=str(training.get("quantization") or "none") == "nf4",
-            compute_dtype=str(training.get("precision") or "fp32"),
-            trust_remote_code=bool((config.get("model") or {}).get("trust_remote_code", False)),
-            eval_path=_data_path(manifest, "eval"),
-            calibration_path=_data_path(manifest, "train"),
+            system_prompt=manifest.system_prompt, max_seq_len=manifest.max_seq_len,
+            qlora=manifest.qlora, compute_dtype=manifest.compute_dtype,
+            trust_remote_code=manifest.trust_remote_code,
+            eval_path=manifest.data_path("eval"), calibration_path=manifest.data_path("train"),
         )
     adapter_config = _check_adapter(path, str(path))
     base_name = adapter_config.get("base_model_name_or_path")

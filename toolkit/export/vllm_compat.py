@@ -18,16 +18,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from toolkit.export.registry import ExportFormat
+from toolkit.formats import REGISTRY, ExportFormat
 
 VLLM_PYTHON_ENV = "TOOLKIT_VLLM_PYTHON"
-#: the vLLM `--quantization` method each PyTorch format needs
-VLLM_METHOD: dict[ExportFormat, str | None] = {
-    ExportFormat.merged: None,
-    ExportFormat.bnb_int8: "bitsandbytes",
-    ExportFormat.bnb_nf4: "bitsandbytes",
-    ExportFormat.gptq_int4: "gptq",
-}
 _PROBE = (
     "import json, vllm\n"
     "from vllm.platforms import current_platform as p\n"
@@ -80,10 +73,11 @@ def cpu_has_avx512() -> bool:
 
 def vllm_support(fmt: ExportFormat, info: VllmInfo | str | None = None) -> dict[str, Any]:
     """The report's `vllm` block: {loadable, quantization, reason, checked, version, device}."""
-    if fmt in (ExportFormat.onnx, ExportFormat.onnx_int8):
+    spec = REGISTRY[fmt]
+    if "vllm" not in spec.engines:
         return {"loadable": False, "quantization": None, "checked": False, "version": None,
                 "device": None, "reason": "vLLM does not run ONNX graphs; serve with onnxruntime"}
-    method = VLLM_METHOD[fmt]
+    method = spec.vllm_quantization
     info = probe_vllm() if info is None else info
     if isinstance(info, str):
         return {"loadable": False, "quantization": method, "checked": False, "version": None,
@@ -105,6 +99,5 @@ def vllm_support(fmt: ExportFormat, info: VllmInfo | str | None = None) -> dict[
 
 def engine_hint(fmt: ExportFormat, vllm: dict[str, Any]) -> list[str]:
     """Engines that can serve the folder on this machine, best first."""
-    if fmt in (ExportFormat.onnx, ExportFormat.onnx_int8):
-        return ["onnxruntime"]
-    return (["vllm"] if vllm.get("loadable") else []) + ["transformers"]
+    return [engine for engine in REGISTRY[fmt].engines
+            if engine != "vllm" or vllm.get("loadable")]

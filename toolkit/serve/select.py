@@ -1,9 +1,9 @@
 """What `toolkit serve MODEL` serves, and which engine serves it (and why).
 
-MODEL is, in order of detection: an export folder (`export_report.json`, written by
-`toolkit export`), a training run (`manifest.json` + `adapter/`), a bare peft adapter folder
-(`adapter_config.json`), an HF model folder, or any model source `resolve_model` knows
-(`embedded:smollm2-135m`, a hub id already cached).
+MODEL is what `artifacts.identify` says it is: an export folder (written by `toolkit
+export`), a training run, a bare peft adapter folder, an HF model folder, or any model
+source `resolve_model` knows (`embedded:smollm2-135m`, a hub id already cached). What a
+format can be served by comes from `formats.REGISTRY`.
 """
 
 from __future__ import annotations
@@ -12,20 +12,27 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from toolkit.artifacts import (
+    ADAPTER_CONFIG,
+    ExportReport,
+    Kind,
+    export_format,
+    has_export_report,
+    identify,
+    read_export,
+    read_run,
+)
 from toolkit.errors import ConfigError, ModelSourceError
+from toolkit.formats import FormatSpec, spec_of
+from toolkit.runtime.facts import DEFAULT_CONTEXT_LENGTH, context_length
 from toolkit.serve.settings import EngineChoice, ServeSettings
 
 log = logging.getLogger("toolkit.serve")
 
-EXPORT_REPORT = "export_report.json"
-RUN_MANIFEST = "manifest.json"
-ONNX_FORMATS = ("onnx", "onnx-int8")
-#: export formats vLLM has no loader for (vLLM 0.32 knows no bitsandbytes method on CPU)
-DEFAULT_MAX_MODEL_LEN = 2048
 
 
 @dataclass
@@ -40,7 +47,7 @@ class ServedModel:
         format: the export format (merged, bnb-int8, gptq-int4, onnx...), "lora" for a run or
             adapter, "hf" for a plain model folder.
         quantization: a short label (none, bnb-int8, bnb-nf4, gptq-int4, onnx-int8...).
-        report: the export report (empty when there is none).
+        report: the export report (None when there is none).
         tokenizer_dir: where the tokenizer and chat template live (an adapter saves its own).
     """
 
@@ -50,11 +57,21 @@ class ServedModel:
     format: str
     quantization: str
     adapter: Path | None = None
-    report: dict[str, Any] = field(default_factory=dict)
+    report: ExportReport | None = None
     tokenizer_dir: Path | None = None
     lora_rank: int | None = None
     dtype: str | None = None
     max_model_len: int | None = None
+
+    @property
+    def spec(self) -> FormatSpec | None:
+        """The export format's facts (None for a run, an adapter or a plain model)."""
+        return spec_of(self.format)
+
+    @property
+    def onnx(self) -> bool:
+        """An ONNX graph: only ONNX Runtime loads it."""
+        return self.spec is not None and self.spec.family == "onnx"
 
     def context_length(self, override: int | None = None) -> int:
         """The context limit: the setting, the report's, else the model config's."""
@@ -62,19 +79,7 @@ class ServedModel:
             return override
         if self.max_model_len:
             return int(self.max_model_len)
-        return config_context_length(self.path)
-
-
-def config_context_length(path: Path) -> int:
-    """`max_position_embeddings` (or a sibling name) from config.json, else 2048."""
-    config_file = path / "config.json"
-    if config_file.is_file():
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-        text = config.get("text_config") or config
-        for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-            if isinstance(text.get(key), int):
-                return int(text[key])
-    return DEFAULT_MAX_MODEL_LEN
+        return context_length(self.path) or DEFAULT_CONTEXT_LENGTH
 
 
 def resolve_served_model(model: str, model_name: str | None = None) -> ServedModel:
@@ -84,15 +89,13 @@ def resolve_served_model(model: str, model_name: str | None = None) -> ServedMod
         ModelSourceError: nothing servable at that path or source.
     """
     path = Path(model).expanduser()
-    if path.is_dir() and (path / EXPORT_REPORT).is_file():
+    kind = identify(path)
+    if kind is Kind.export:
         served = _from_export(path)
-    elif path.is_dir() and (path / RUN_MANIFEST).is_file() and (path / "adapter").is_dir():
+    elif kind is Kind.run:
         served = _from_run(path)
-    elif path.is_dir() and (path / "adapter_config.json").is_file():
+    elif kind is Kind.adapter:
         served = _from_adapter(path, path.name)
-    elif path.is_dir() and (path / "model.onnx").is_file():
-        served = ServedModel("export", path.resolve(), path.name, "onnx", "none",
-                             tokenizer_dir=path.resolve())
     else:
         from toolkit.model_source import resolve_model
 
@@ -115,34 +118,22 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _quantization_label(fmt: str, quantization: Any) -> str:
-    if fmt in ("merged", "hf", "lora", "onnx") and not quantization:
-        return "none"
-    if fmt.startswith(("bnb-", "gptq-", "onnx-")):
-        return fmt
-    if isinstance(quantization, dict):
-        return str(quantization.get("method") or quantization.get("quant_method") or fmt)
-    return str(quantization or "none")
-
-
 def _from_export(path: Path) -> ServedModel:
-    report = _read_json(path / EXPORT_REPORT)
-    fmt = str(report.get("format") or "merged")
+    report = read_export(path) if has_export_report(path) else None
+    fmt = report.format if report is not None else export_format(path)
+    spec = spec_of(fmt)
+    quantization = fmt.value if spec is not None and spec.quantized else "none"
     return ServedModel(
-        "export", path.resolve(), path.name, fmt,
-        _quantization_label(fmt, report.get("quantization")), report=report,
-        tokenizer_dir=path.resolve(), dtype=report.get("dtype"),
-        max_model_len=report.get("max_model_len"),
+        "export", path.resolve(), path.name, fmt.value, quantization, report=report,
+        tokenizer_dir=path.resolve(), dtype=report.dtype if report else None,
+        max_model_len=report.max_model_len if report else None,
     )
 
 
 def _from_run(path: Path) -> ServedModel:
-    manifest = _read_json(path / RUN_MANIFEST)
-    base = manifest.get("base_model") or {}
-    adapter = path / str(manifest.get("adapter_dir") or "adapter")
-    if not base.get("source"):
-        raise ModelSourceError(f"{path / RUN_MANIFEST}: no base_model.source; re-run training")
-    served = _from_adapter(adapter, path.resolve().name, base.get("source"), base.get("revision"))
+    manifest = read_run(path)
+    served = _from_adapter(manifest.adapter_path(path), path.resolve().name,
+                           manifest.base_model.source, manifest.base_model.revision)
     served.kind = "run"
     return served
 
@@ -151,7 +142,7 @@ def _from_adapter(adapter: Path, name: str, source: str | None = None,
                   revision: str | None = None) -> ServedModel:
     from toolkit.model_source import resolve_model
 
-    config = _read_json(adapter / "adapter_config.json")
+    config = _read_json(adapter / ADAPTER_CONFIG)
     source = source or config.get("base_model_name_or_path")
     if not source:
         raise ModelSourceError(f"{adapter}: adapter_config.json names no base model")
@@ -184,12 +175,13 @@ def vllm_python(settings: ServeSettings) -> Path | None:
 
 def vllm_refusal(served: ServedModel) -> str | None:
     """Why vLLM cannot serve this model here (None when it can)."""
-    if served.format in ONNX_FORMATS:
+    spec = served.spec
+    if spec is not None and "vllm" not in spec.engines:
         return f"vLLM cannot load {served.format} exports"
-    info = served.report.get("vllm")
-    if isinstance(info, dict) and info.get("loadable") is False:
+    info = served.report.vllm if served.report is not None else {}
+    if info.get("loadable") is False:
         return f"the export report says vLLM cannot load it: {info.get('reason') or 'no reason given'}"
-    if served.format.startswith("bnb-"):
+    if spec is not None and spec.vllm_quantization == "bitsandbytes":
         return "vLLM has no bitsandbytes method in this build"
     return None
 
@@ -201,7 +193,7 @@ def choose_engine(settings: ServeSettings, served: ServedModel) -> tuple[EngineC
         ConfigError: an explicit `--engine` that cannot serve this model (the message says
             which engine can).
     """
-    onnx = served.format in ONNX_FORMATS
+    onnx = served.onnx
     choice = settings.engine
     if choice == EngineChoice.auto:
         if onnx:

@@ -1,8 +1,9 @@
 """Training stage: LoRA fine-tune of a causal LM into `runs/NAME/` (adapter, checkpoints,
-manifest). `read_manifest` is what the export stage reads; importing it loads no torch.
+manifest written through `toolkit.artifacts`); importing this package loads no torch.
 """
 
-from toolkit.train.manifest import MANIFEST_KEYS, read_manifest
+from toolkit.artifacts import MANIFEST_KEYS
+from toolkit.train.manifest import read_manifest
 from toolkit.train.runner import TrainResult, run_training
 
 __all__ = ["MANIFEST_KEYS", "TrainResult", "read_manifest", "run_training"]

@@ -16,7 +16,8 @@ from typing import Any
 
 from toolkit.cards import INTENDED_USE, render_card
 from toolkit.model_source import ResolvedModel
-from toolkit.tokenizer_files import context_length, tidy_tokenizer_config
+from toolkit.runtime.facts import context_length
+from toolkit.tokenizer_files import tidy_tokenizer_config
 
 ADAPTER_CONFIG = "adapter_config.json"
 CARD_NAME = "README.md"

@@ -9,7 +9,7 @@ continues; a run that fails before training starts leaves nothing behind.
       adapter/          peft adapter + tokenizer (with its chat template)
       checkpoints/      checkpoint-STEP/ (adapter, optimizer, scheduler, RNG): --resume
       progress.json     config and evaluation history so far
-      manifest.json     see toolkit.train.manifest
+      manifest.json     see toolkit.artifacts.RunManifest
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from toolkit.artifacts import CHECKPOINT_DIR
+from toolkit.atomic import clean_stale, commit
 from toolkit.errors import ToolkitError
-from toolkit.train.manifest import CHECKPOINT_DIR
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ def source_dir(plan: OutputPlan) -> Path:
 
 def prepare(plan: OutputPlan) -> None:
     """Create the work folder (main process only)."""
+    clean_stale(plan.target.parent)  # a run killed between the two renames of `commit`
     if plan.mode in ("fresh", "copy") and plan.work.exists():
         shutil.rmtree(plan.work)  # a stale, superseded interrupted run
     if plan.mode == "copy":
@@ -107,11 +109,6 @@ def discard(plan: OutputPlan) -> None:
 
 
 def finalize(plan: OutputPlan) -> None:
-    """Move the complete work folder into place, replacing an old run only now."""
-    old = plan.target.parent / f".{plan.target.name}.old"
-    if old.exists():
-        shutil.rmtree(old)
-    if plan.target.exists():
-        plan.target.rename(old)
-    plan.work.rename(plan.target)
-    shutil.rmtree(old, ignore_errors=True)
+    """Move the complete work folder into place, replacing an old run only now (with
+    rollback: `atomic.commit`)."""
+    commit(plan.work, plan.target)

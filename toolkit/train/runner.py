@@ -12,30 +12,57 @@ from __future__ import annotations
 import os
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
+from toolkit.artifacts import (
+    ADAPTER_DIR,
+    CHECKPOINT_DIR,
+    RunManifest,
+    package_versions,
+    sha256_file,
+    utc_now,
+    write_run,
+)
 from toolkit.config import Precision, TrainConfig, config_to_dict
 from toolkit.errors import ConfigError, DataError
 from toolkit.logs import route_logs
 from toolkit.train import output as out
-from toolkit.train.manifest import (
-    ADAPTER_DIR,
-    CHECKPOINT_DIR,
-    package_versions,
-    read_manifest,
-    sha256_file,
-    utc_now,
-    write_manifest,
-)
+from toolkit.train.manifest import TRAIN_PACKAGES, read_manifest
+
+if TYPE_CHECKING:
+    from toolkit.model_source import ResolvedModel
+    from toolkit.train.dataset import EncodedSplit
+    from toolkit.train.model import Hardware
 
 #: config fields a resumed run must share with the run it continues
 #: third-party logging and warnings of the run (`toolkit.logs`), inside the run folder
 LOG_FILE = "train.log"
 RESUME_FIXED = (("model", None), ("lora", None), ("training", "quantization"))
+
+
+@dataclass
+class _Prepared:
+    """Everything `run_training` checked and built before the weights are loaded."""
+
+    cfg: TrainConfig
+    plan: out.OutputPlan
+    args: Any  # transformers.TrainingArguments (imported lazily)
+    hardware: Hardware
+    resolved: ResolvedModel
+    tokenizer: Any
+    chat_template_added: bool
+    train_split: EncodedSplit
+    eval_split: EncodedSplit | None
+    started: float
+    say: Callable[[str], None]
+    console: Console
+    #: set once trainer.train() began: a failure then keeps the checkpoints for --resume
+    training_started: bool = False
 
 
 @dataclass
@@ -224,13 +251,13 @@ def run_training(
             out.prepare(plan)
             logs.attach(plan.work / LOG_FILE)  # moves with the folder into runs/NAME
         _barrier()
-        stage = {"training": False}
+        prepared = _Prepared(cfg, plan, args, hardware, resolved, tokenizer, chat_template_added,
+                             train_split, eval_split, started, say, console)
         try:
-            return _train(cfg, plan, args, hardware, resolved, tokenizer, chat_template_added,
-                          train_split, eval_split, say, started, stage, console)
+            return _train(prepared)
         except BaseException as exc:
             if main:
-                if stage["training"] and out.last_checkpoint(plan.work) is not None:
+                if prepared.training_started and out.last_checkpoint(plan.work) is not None:
                     say(f"[yellow]stopped ({type(exc).__name__}):[/yellow] checkpoints kept in "
                         f"{plan.work}; continue with --resume")
                 else:
@@ -285,9 +312,7 @@ def _data_line(cfg: TrainConfig, train_split: Any, eval_split: Any) -> str:
     return "data: " + "; ".join(lines)
 
 
-def _train(cfg: TrainConfig, plan: out.OutputPlan, args: Any, hardware: Any, resolved: Any,
-           tokenizer: Any, chat_template_added: bool, train_split: Any, eval_split: Any,
-           say: Any, started: float, stage: dict[str, bool], console: Console) -> TrainResult:
+def _train(p: _Prepared) -> TrainResult:
     import torch
     from transformers import set_seed
 
@@ -312,6 +337,8 @@ def _train(cfg: TrainConfig, plan: out.OutputPlan, args: Any, hardware: Any, res
         quiet_trainer_output,
     )
 
+    cfg, plan, args, hardware, resolved = p.cfg, p.plan, p.args, p.hardware, p.resolved
+    tokenizer, train_split, eval_split, say = p.tokenizer, p.train_split, p.eval_split, p.say
     main = args.process_index == 0
     world_size = args.world_size
     t = cfg.training
@@ -360,7 +387,7 @@ def _train(cfg: TrainConfig, plan: out.OutputPlan, args: Any, hardware: Any, res
         processing_class=tokenizer, callbacks=callbacks, meter=meter,
     )
     quiet_trainer_output(trainer)
-    stage["training"] = True
+    p.training_started = True
     trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint else None)
     if plan.mode == "copy" and trainer.state.global_step == resumed_step:
         return _keep_finished_run(plan, resumed_step, say, world_size)
@@ -377,47 +404,48 @@ def _train(cfg: TrainConfig, plan: out.OutputPlan, args: Any, hardware: Any, res
     if main:  # a pickle of TrainingArguments: not part of an adapter
         (plan.work / ADAPTER_DIR / "training_args.bin").unlink(missing_ok=True)
 
-    manifest: dict[str, Any] = {
-        "manifest_version": 1,
-        "toolkit_version": __version__,
-        "created": utc_now(),
-        "config": config_to_dict(cfg),
-        "base_model": {"source": resolved.source, "path": str(resolved.path),
-                       "revision": resolved.revision, "kind": resolved.kind},
-        "adapter_dir": ADAPTER_DIR,
-        "checkpoint_dir": CHECKPOINT_DIR,
-        "chat_template_added": chat_template_added,
-        "data": {"train": _data_entry(train_split),
-                 "eval": _data_entry(eval_split) if eval_split else None},
-        "versions": {**package_versions(), "toolkit": __version__},
-        "device": {"type": hardware.device, "name": hardware.device_name,
-                   "precision": hardware.precision.value,
-                   "requested_precision": hardware.requested.value,
-                   "quantization": t.quantization.value,
-                   "threads": None if hardware.cuda else torch.get_num_threads(),
-                   "world_size": world_size,
-                   "micro_batch_rows": args.per_device_train_batch_size,
-                   "accumulation_steps": args.gradient_accumulation_steps},
-        "world_size": world_size,
-        "packing": t.packing,
-        "metrics": {"before": progress.before, "epochs": progress.epochs, "after": after},
-        "truncated_examples": train_split.truncated + (eval_split.truncated if eval_split else 0),
-        "steps": int(trainer.state.global_step),
-        "resumed_from_step": resumed_step,
-        "train_tokens": tokens,
-        "wall_time_s": 0.0,
-        "train_time_s": round(train_seconds, 3),
-        "tokens_per_s": round(tokens / train_seconds, 2) if tokens else 0.0,
-        "peak_memory_bytes": peak,
-        "trainable_params": trainable,
-        "total_params": total,
-    }
+    record = RunManifest(
+        toolkit_version=__version__,
+        created=utc_now(),
+        config=config_to_dict(cfg),
+        base_model={"source": resolved.source, "path": str(resolved.path),
+                    "revision": resolved.revision, "kind": resolved.kind},
+        adapter_dir=ADAPTER_DIR,
+        checkpoint_dir=CHECKPOINT_DIR,
+        chat_template_added=p.chat_template_added,
+        data={"train": _data_entry(train_split),
+              "eval": _data_entry(eval_split) if eval_split else None},
+        versions={**package_versions(TRAIN_PACKAGES), "toolkit": __version__},
+        device={"type": hardware.device, "name": hardware.device_name,
+                "precision": hardware.precision.value,
+                "requested_precision": hardware.requested.value,
+                "quantization": t.quantization.value,
+                "threads": None if hardware.cuda else torch.get_num_threads(),
+                "world_size": world_size,
+                "micro_batch_rows": args.per_device_train_batch_size,
+                "accumulation_steps": args.gradient_accumulation_steps},
+        world_size=world_size,
+        packing=t.packing,
+        metrics={"before": progress.before, "epochs": progress.epochs, "after": after},
+        truncated_examples=train_split.truncated + (eval_split.truncated if eval_split else 0),
+        steps=int(trainer.state.global_step),
+        resumed_from_step=resumed_step,
+        train_tokens=tokens,
+        wall_time_s=0.0,
+        train_time_s=round(train_seconds, 3),
+        tokens_per_s=round(tokens / train_seconds, 2) if tokens else 0.0,
+        peak_memory_bytes=peak,
+        trainable_params=trainable,
+        total_params=total,
+    )
     if main:
-        manifest["wall_time_s"] = round(time.perf_counter() - started, 2)
+        record.wall_time_s = round(time.perf_counter() - p.started, 2)
+    manifest = record.model_dump(mode="json")
+    if main:
         finish_adapter(plan.work / ADAPTER_DIR, resolved, manifest, plan.target.name)
-        write_manifest(plan.work, manifest)
+        write_run(plan.work, record)
         out.finalize(plan)
-        print_summary(console, manifest, str(plan.target))
+        print_summary(p.console, manifest, str(plan.target))
     _end_processes(world_size)
     return TrainResult(plan.target, manifest)
 

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from toolkit.formats import ExportFormat
 from toolkit.serve.engines.base import (
     Engine,
     EngineInfo,
@@ -50,10 +51,10 @@ def engine_info(settings: ServeSettings, served: ServedModel, engine: EngineChoi
 def _transformers(settings: ServeSettings, served: ServedModel) -> Engine:
     from toolkit.serve.engines.transformers_engine import build_transformers_engine
 
-    quantized = served.format.startswith(("bnb-", "gptq-")) or served.quantization != "none"
+    fmt = served.spec.format if served.spec is not None else ExportFormat.merged
     return build_transformers_engine(
         engine_info(settings, served, EngineChoice.transformers), served.path, served.adapter,
-        served.tokenizer_dir, quantized, settings.batch_rows, settings.engine_threads,
+        served.tokenizer_dir, fmt, settings.batch_rows, settings.engine_threads,
     )
 
 

@@ -6,8 +6,9 @@ token for every running row at once, so a batch of 16 costs little more than a b
 the matrix multiplies and throughput rises with concurrency. Finished or cancelled rows leave
 the batch at the next step. Each request gets its tokens back through its own asyncio queue.
 
-A `StepBackend` does the tensor work (torch for transformers, numpy for ONNX Runtime); this
-module does the rest: sampling, stop strings, detokenization, finish reasons.
+A `runtime.steps.StepBackend` does the tensor work (torch for transformers, numpy for ONNX
+Runtime) and `runtime.steps.sample_token` picks each token, as in export's measurements;
+this module does the rest: scheduling, stop strings, detokenization, finish reasons.
 """
 
 from __future__ import annotations
@@ -17,64 +18,14 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
+from toolkit.runtime.steps import StepBackend, sample_token
 from toolkit.serve.engines.base import GenerationChunk, PreparedRequest
 
 log = logging.getLogger("toolkit.serve")
-
-#: top-p sampling sorts this many candidates first and falls back to the full vocabulary
-#: only when they hold less than top_p of the mass (sorting 50k logits per row per step is slow)
-TOP_P_CANDIDATES = 512
-
-
-class StepBackend(Protocol):
-    """The tensor side of batched decoding; states are opaque to the scheduler."""
-
-    #: False when states of different lengths cannot be merged (then requests are batched in
-    #: waves: those arriving while a batch runs wait until it ends)
-    can_merge: bool
-
-    def prefill(self, prompts: list[list[int]]) -> tuple[Any, np.ndarray]:
-        """Run left-padded prompts; return the state and last-position logits (n, vocab)."""
-
-    def decode(self, state: Any, tokens: np.ndarray) -> tuple[Any, np.ndarray]:
-        """Feed one token per row; return the new state and logits (n, vocab)."""
-
-    def select(self, state: Any, rows: list[int]) -> Any:
-        """Keep only `rows` of the batch (in that order)."""
-
-    def merge(self, first: Any, second: Any) -> Any:
-        """One state holding the rows of `first` then those of `second`."""
-
-
-def sample_token(logits: np.ndarray, temperature: float, top_p: float,
-                 rng: np.random.Generator) -> int:
-    """Greedy when temperature or top_p is 0 (OpenAI allows both), else a nucleus sample."""
-    if temperature <= 0 or top_p <= 0:
-        return int(np.argmax(logits))
-    scaled = logits.astype(np.float64) / temperature
-    if top_p < 1.0:
-        k = min(TOP_P_CANDIDATES, scaled.shape[-1])
-        candidates = np.argpartition(-scaled, k - 1)[:k]
-        full = np.exp(scaled - scaled.max())
-        total = full.sum()
-        order = candidates[np.argsort(-scaled[candidates])]
-        probs = full[order] / total
-        if probs.sum() < top_p:
-            order = np.argsort(-scaled)
-            probs = full[order] / total
-        cumulative = np.cumsum(probs)
-        keep = int(np.searchsorted(cumulative, top_p) + 1)
-        kept = probs[:keep] / probs[:keep].sum()
-        return int(order[rng.choice(keep, p=kept)])
-    probs = np.exp(scaled - scaled.max())
-    cumulative = np.cumsum(probs)
-    return int(min(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"),
-                   len(probs) - 1))
-
 
 class StopMatcher:
     """Find the first stop string in text that arrives piece by piece, in linear time.

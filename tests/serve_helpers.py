@@ -14,7 +14,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,7 +51,7 @@ def serve_app(app: Any, *, shutdown_timeout_s: float = 5.0,
     thread.start()
     base_url = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready(base_url, app, thread, ready_timeout_s)
+        wait_ready(f"{base_url}/ready", ready_timeout_s, _gateway_alive(app, thread))
         yield LiveGateway(base_url, app, server)
     finally:
         server.should_exit = True
@@ -89,19 +89,32 @@ def running_gateway(model_dir: Path | str, **settings: Any) -> Iterator[str]:
         yield gateway.base_url
 
 
-def _wait_ready(base_url: str, app: Any, thread: threading.Thread, timeout_s: float) -> None:
+def wait_ready(url: str, timeout_s: float, check: Callable[[], None] = lambda: None,
+               interval_s: float = 0.05) -> None:
+    """Poll `url` until it answers 200; `check` raises when the server died meanwhile.
+
+    Shared by every test that starts a server (gateway thread or process, Prometheus), so a
+    dead server fails fast with its own reason instead of at the timeout.
+    """
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        check()
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=2.0).status_code == 200:
+                return
+        time.sleep(interval_s)
+    raise RuntimeError(f"{url} not ready after {timeout_s:.0f}s")
+
+
+def _gateway_alive(app: Any, thread: threading.Thread) -> Callable[[], None]:
+    def check() -> None:
         error = app.state.gateway.engine_error
         if error:
             raise RuntimeError(f"gateway engine failed to start: {error}")
         if not thread.is_alive():
             raise RuntimeError("gateway thread exited before becoming ready")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{base_url}/ready", timeout=2.0).status_code == 200:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"gateway at {base_url} not ready after {timeout_s:.0f}s")
+
+    return check
 
 
 class FakeEngine:

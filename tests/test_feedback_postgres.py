@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from typer.testing import CliRunner
 
 from tests.conftest import REPO_ROOT
 from tests.postgres_helpers import PostgresServer, postgres_server
+from tests.serve_helpers import wait_ready
 from toolkit.cli import app as cli_app
 from toolkit.data.schema import validate_file
 from toolkit.errors import StoreError
@@ -121,17 +121,6 @@ def _start_gateway(url: str) -> tuple[subprocess.Popen, str]:
     return proc, f"http://127.0.0.1:{line.split()[1]}"
 
 
-def _wait_ready(base_url: str, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base_url}/ready", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise RuntimeError(f"{base_url} not ready")
-
 
 def test_two_gateways_share_the_store_and_lose_nothing_when_killed(pg, tmp_path):
     url = pg.create_database("durability")
@@ -141,7 +130,7 @@ def test_two_gateways_share_the_store_and_lose_nothing_when_killed(pg, tmp_path)
             gateways.append(_start_gateway(url))
         urls = [base for _, base in gateways]
         for base in urls:
-            _wait_ready(base)
+            wait_ready(f"{base}/ready", 60.0)
         completions = []
         for i in range(20):  # made on one replica, rated on either: the store is shared
             resp = httpx.post(f"{urls[i % 2]}/v1/chat/completions", json={

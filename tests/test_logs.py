@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -70,3 +71,23 @@ def test_records_before_attach_and_library_handlers(tmp_path: Path,
     finally:
         noisy.removeHandler(own)
         noisy.propagate = True
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_bytes_printed_to_the_terminal_go_to_the_file_unless_verbose(
+        tmp_path: Path, capfd: pytest.CaptureFixture[str], verbose: bool) -> None:
+    from toolkit.logs import terminal_to_log
+
+    log_file = tmp_path / "export.log"
+    with route_logs(log_file, verbose=verbose), terminal_to_log():
+        os.write(1, b"Quantizing layer 3 of 30\n")  # as C code or a progress bar writes
+        os.write(2, b"Forward: Layer=model.layers.3\n")
+    print("after the block")
+    out, err = capfd.readouterr()
+    text = log_file.read_text()
+    assert "after the block" in out and "after the block" not in text
+    if verbose:
+        assert "Quantizing layer 3" in out and "Forward: Layer" in err
+    else:
+        assert "Quantizing layer 3" in text and "Forward: Layer" in text
+        assert "Quantizing" not in out and "Forward" not in err

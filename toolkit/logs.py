@@ -9,15 +9,17 @@ stage's folder exists are kept and written once it is attached. A library that i
 console handler after the stage started (torch and transformers do on import) is caught at the
 next record that reaches the file after new loggers appeared, and when the file is attached.
 
-Not routed: bytes a C extension or a library writes straight to stdout/stderr (gptqmodel's
-progress bars print); children toolkit starts capture their output and log it (the ONNX
-exporter, see `toolkit.export.onnx`).
+Bytes a library writes straight to stdout/stderr (gptqmodel's per-layer progress bars: ~10,000
+lines per export) are not logging: a step known to print them runs inside `terminal_to_log`,
+which points file descriptors 1 and 2 at the log file for that block. Children toolkit starts
+capture their output and log it (the ONNX exporter, see `toolkit.export.onnx`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import warnings
 from collections import deque
@@ -40,6 +42,7 @@ class RoutedLogs(logging.Handler):
 
     def __init__(self, verbose: bool = False) -> None:
         super().__init__(logging.DEBUG)
+        self.verbose = verbose
         self.console = logging.StreamHandler(sys.stderr)
         self.console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         self.console.addFilter(_console_filter(verbose))
@@ -169,3 +172,35 @@ def route_logs(path: Path | None = None, *, verbose: bool = False) -> Iterator[R
         sink.close()
         root.setLevel(level)
         sink.unmute()
+
+
+@contextlib.contextmanager
+def terminal_to_log() -> Iterator[None]:
+    """Send what is written to file descriptors 1 and 2 to the stage's log while the block runs.
+
+    For library code that prints its own progress (bypassing logging and `sys.stdout`
+    replacements alike). A no-op outside `route_logs`, before its file is attached, and with
+    `--verbose`: the user then sees everything, as asked.
+    """
+    sink = next((h for h in logging.getLogger().handlers if isinstance(h, RoutedLogs)), None)
+    if sink is None or sink.verbose or sink.path is None:
+        yield
+        return
+    streams = (sys.stdout, sys.stderr)
+    for stream in streams:
+        stream.flush()
+    saved = (os.dup(1), os.dup(2))
+    try:
+        with sink.path.open("ab") as target:
+            os.dup2(target.fileno(), 1)
+            os.dup2(target.fileno(), 2)
+            try:
+                yield
+            finally:
+                for stream in streams:
+                    stream.flush()
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)

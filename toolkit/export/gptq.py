@@ -80,6 +80,7 @@ def export_gptq(ctx: ExportContext, work: Path) -> VariantResult:
     import torch
 
     from toolkit.extras import cuda_available, require
+    from toolkit.logs import terminal_to_log
 
     require("gptqmodel", "--quantize gptq-int4")
     if ctx.merged_dir is None:
@@ -104,7 +105,9 @@ def export_gptq(ctx: ExportContext, work: Path) -> VariantResult:
     settings["kernel_dtype"] = str(dtype).removeprefix("torch.")
     model = GPTQModel.load(str(ctx.merged_dir), quant, device=device, dtype=dtype,
                            trust_remote_code=ctx.source.trust_remote_code)
-    with _quantize_logs_in(work / ".gptq-logs"):
+    ctx.console.print("gptq-int4: quantizing layer by layer (gptqmodel's progress goes to "
+                      "export.log; --verbose shows it)", highlight=False, markup=False)
+    with _quantize_logs_in(work / ".gptq-logs"), terminal_to_log():
         model.quantize(texts, tokenizer=tokenizer, batch_size=1)
     model.save(str(work))
     shutil.rmtree(offload, ignore_errors=True)

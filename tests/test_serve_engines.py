@@ -10,9 +10,9 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.artifact_builders import export_report, save_lora_adapter, write_run_manifest
+from tests.artifact_builders import save_lora_adapter, write_run_manifest
 from tests.serve_helpers import live_gateway
-from toolkit.artifacts import ADAPTER_DIR, write_export
+from toolkit.artifacts import ADAPTER_DIR
 from toolkit.runtime.steps import sample_token
 from toolkit.serve.engines.batching import TextStream
 
@@ -206,21 +206,6 @@ def test_training_run_is_served_with_its_adapter(tmp_path, tiny_model_dir):
         assert models[0]["id"] == "triage" and models[0]["format"] == "lora"
         answer = chat(live.base_url, "Bonjour", max_tokens=5, temperature=0)
         assert answer["usage"]["completion_tokens"] <= 5
-
-
-@pytest.fixture(scope="module")
-def tiny_onnx_dir(tiny_model_dir, tmp_path_factory):
-    pytest.importorskip("onnxruntime")
-    from toolkit.errors import MissingExtraError
-    from toolkit.export.onnx import export_onnx
-
-    out = tmp_path_factory.mktemp("tiny-onnx") / "onnx"
-    try:
-        export_onnx(tiny_model_dir, out)
-    except MissingExtraError as exc:
-        pytest.skip(f"no ONNX exporter venv: {exc}")
-    write_export(out, export_report(out, "onnx", dtype="fp32", max_model_len=1024))
-    return out
 
 
 def test_onnx_batched_decoding_matches_solo_and_torch(tiny_onnx_dir, torch_backend):

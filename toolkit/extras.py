@@ -16,6 +16,7 @@ EXTRA_FOR_MODULE: dict[str, str] = {
     "onnxruntime": "onnx",
     "onnx": "onnx",
     "onnx_ir": "onnx",
+    "onnxruntime_genai": "onnx",
     "bitsandbytes": "bnb",
     "gptqmodel": "gptq",
     "optimum": "gptq",

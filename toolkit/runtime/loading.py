@@ -212,13 +212,13 @@ def load_export(path: Path | str, *, fmt: ExportFormat | str | None = None,
     tokenizer = load_tokenizer(tokenizer_dir or path)
     if REGISTRY[fmt].family == "onnx":
         from toolkit.runtime.onnx_model import OnnxCausalLM
-        from toolkit.runtime.onnx_steps import OrtStepBackend
+        from toolkit.runtime.onnx_steps import step_backend
 
         onnx_model = OnnxCausalLM.from_dir(path, threads=threads)
         eos = eos_token_ids(tokenizer, generation_config(path))
         return LoadedExport(path, fmt, "onnxruntime", tokenizer, report,
                             lambda ids: onnx_model.logits(ids), eos, onnx_model,
-                            _stepwise(OrtStepBackend(onnx_model), eos))
+                            _stepwise(step_backend(onnx_model), eos))
     from toolkit.runtime.torch_steps import TorchStepBackend
 
     model = load_transformers_model(path, fmt, device, adapter)

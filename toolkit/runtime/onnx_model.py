@@ -1,13 +1,20 @@
-"""ONNX Runtime causal LM over an optimum export: full-sequence logits and batched decoding.
+"""ONNX Runtime causal LM over an ONNX export: full-sequence logits and batched decoding.
 
 The main venv needs only `onnxruntime` to verify, score and serve an ONNX export; optimum (and
-its transformers 4.x) stays in the exporter venv. The folder is what `export_onnx` writes:
-`model.onnx` (+ `model.onnx_data`) taking `input_ids`, `attention_mask`, `position_ids` and
-`past_key_values.{i}.key/value`, returning `logits` and `present.{i}.key/value`.
+its transformers 4.x) stays in the exporter venv. Two graph layouts share the names
+`input_ids`, `attention_mask`, `past_key_values.{i}.key/value` in and `logits`,
+`present.{i}.key/value` out:
+- optimum's (`export_onnx`): `position_ids` too, left padding, and each present is a new
+  `Concat(past, new)`;
+- onnxruntime-genai's model builder (a `genai_config.json` beside it with
+  `past_present_share_buffer`): fused `GroupQueryAttention`, right padding (the mask only
+  gives each row's length), and past/present may be one buffer updated in place. Serving drives
+  it with `onnx_shared_kv.SharedKvStepBackend`.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -19,6 +26,8 @@ import numpy as np
 from toolkit.errors import ModelSourceError
 
 ONNX_FILE = "model.onnx"
+#: written by onnxruntime-genai's model builder beside its graph
+GENAI_CONFIG = "genai_config.json"
 _PAST_INPUT = re.compile(r"past_key_values\.(\d+)\.(key|value)")
 _ORT_FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -48,7 +57,11 @@ class OnnxCausalLM:
     """A decoder exported with past key values, run by one ONNX Runtime session.
 
     The cache layout (layers, KV heads, head dim, dtype) is read from the graph's own input
-    shapes rather than config.json, so it cannot disagree with the graph it feeds.
+    shapes rather than config.json, so it cannot disagree with the graph it feeds (the
+    builder leaves the head dim symbolic: its `genai_config.json` gives it).
+
+    Attributes:
+        is_shared_kv: a builder graph (see the module docstring): right padding, in-place KV.
     """
 
     def __init__(self, session: Any, path: Path) -> None:
@@ -62,9 +75,16 @@ class OnnxCausalLM:
                 "`toolkit export --quantize onnx` (task text-generation-with-past)"
             )
         first = inputs["past_key_values.0.key"]
+        genai = _genai_decoder(path)
+        self.is_shared_kv = bool(genai.get("past_present_share_buffer"))
         self.num_layers = len(layers)
         self.num_kv_heads = int(first.shape[1])
-        self.head_dim = int(first.shape[3])
+        self.head_dim = int(first.shape[3]) if isinstance(first.shape[3], int) \
+            else int(genai["head_size"])
+        vocab = next(o for o in session.get_outputs() if o.name == "logits").shape[-1]
+        self.vocab_size = vocab if isinstance(vocab, int) else int(genai["vocab_size"])
+        #: positions the graph supports (the builder's rotary cache length), when it says
+        self.context_length: int | None = genai.get("context_length")
         self._kv_dtype = _ORT_FLOAT_TYPES[first.type]
         self._past_names = [f"past_key_values.{i}.{kind}" for i in layers for kind in ("key", "value")]
         self._present_names = [n.replace("past_key_values", "present") for n in self._past_names]
@@ -118,6 +138,9 @@ class OnnxCausalLM:
         if ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {ids.shape}")
         mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int64)
+        if self.is_shared_kv and not mask.all():
+            raise ValueError(f"{self.path}: this GroupQueryAttention graph reads row lengths, not "
+                             "left padding; score rows of equal length (attention_mask=None)")
         feed = self._feed(ids, mask, _positions(mask), self._empty_past(len(ids)))
         (logits,) = self.session.run(["logits"], feed)
         return logits.astype(np.float32, copy=False)
@@ -153,6 +176,9 @@ class OnnxCausalLM:
             One `DecodeStep` per step until every sequence has finished.
         """
         _check_decode_args(prompts, max_new_tokens, temperature, top_p)
+        if self.is_shared_kv:
+            raise ValueError(f"{self.path}: a GroupQueryAttention graph decodes through "
+                             "onnx_steps.step_backend (shared KV buffers), not generate()")
         ids, mask = left_pad(prompts)
         positions = _positions(mask)
         past = self._empty_past(len(prompts))
@@ -210,6 +236,18 @@ class OnnxCausalLM:
         if self._has_position_ids:
             feed["position_ids"] = positions
         return feed
+
+
+def _genai_decoder(path: Path) -> dict[str, Any]:
+    """The builder's decoder settings (`model.decoder` + `past_present_share_buffer`), or {}."""
+    file = Path(path) / GENAI_CONFIG
+    if not file.is_file():
+        return {}
+    config = json.loads(file.read_text(encoding="utf-8"))
+    model = config.get("model", {})
+    return {**model.get("decoder", {}), "vocab_size": model.get("vocab_size"),
+            "context_length": model.get("context_length"),
+            "past_present_share_buffer": config.get("search", {}).get("past_present_share_buffer")}
 
 
 def left_pad(prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:

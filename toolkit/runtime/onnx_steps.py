@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from toolkit.runtime.facts import DEFAULT_CONTEXT_LENGTH
 from toolkit.runtime.onnx_model import left_pad
 
 _KV_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -86,6 +87,21 @@ class OrtStepBackend:
         past = [np.concatenate([pad(a, 2), pad(b, 2)]) for a, b in zip(first.past, second.past)]
         mask = np.concatenate([pad(first.mask, 1), pad(second.mask, 1)])
         return OrtState(past, mask, np.concatenate([first.next_pos, second.next_pos]))
+
+
+def step_backend(lm: Any, capacity: int | None = None) -> Any:
+    """The `StepBackend` for this graph: in-place KV for builder graphs, else `OrtStepBackend`.
+
+    Args:
+        lm: an `OnnxCausalLM`.
+        capacity: tokens per sequence (prompt + answer) a builder graph's KV buffers hold;
+            None takes the graph's own context length (memory is committed as it is used).
+    """
+    if lm.is_shared_kv:
+        from toolkit.runtime.onnx_shared_kv import SharedKvStepBackend
+
+        return SharedKvStepBackend(lm, capacity or lm.context_length or DEFAULT_CONTEXT_LENGTH)
+    return OrtStepBackend(lm)
 
 
 def providers() -> tuple[str, ...]:

@@ -82,6 +82,10 @@ class TextStream:
 
     Text that might be the start of a stop string, or an incomplete UTF-8 character, is held
     back until the next token decides it, so a client never receives text it must un-see.
+    Only a window of the last tokens is decoded per step (as TGI and vLLM do): decoding
+    every token so far, every step, costs O(answer length) per token on the decode thread
+    all requests share. The window starts at the last settled token, so a tokenizer that
+    drops a word's leading space at the start of a decode drops it from both texts compared.
     """
 
     def __init__(self, decode: Callable[[list[int]], str], stop: list[str]) -> None:
@@ -89,13 +93,28 @@ class TextStream:
         self._stop = stop
         self._matcher = StopMatcher(stop)
         self._scanned = ""
+        self._text = ""  # the text of tokens[:self._read], settled
+        self._prefix = 0  # where the decoded window starts
+        self._read = 0
         self.sent = ""
+
+    def _detokenize(self, tokens: list[int], final: bool) -> str:
+        """The text of all `tokens` (a trailing incomplete character dropped unless final)."""
+        settled = self._decode(tokens[self._prefix:self._read])
+        window = self._decode(tokens[self._prefix:])
+        if not window.startswith(settled):  # the window rewrote settled text (rare): decode all
+            text = self._decode(tokens)
+            return text if final else text.rstrip("\ufffd")
+        fresh = window[len(settled):]
+        if final or not fresh.endswith("\ufffd"):
+            self._text += fresh
+            self._prefix, self._read = self._read, len(tokens)
+            return self._text
+        return self._text + fresh.rstrip("\ufffd")  # decided by the next token
 
     def push(self, tokens: list[int], final: bool) -> tuple[str, bool]:
         """The new text to send and whether a stop string was hit."""
-        text = self._decode(tokens)
-        if not final:
-            text = text.rstrip("\ufffd")  # an incomplete character is decided by the next token
+        text = self._detokenize(tokens, final)
         if not text.startswith(self._scanned):  # the tokenizer rewrote earlier text (rare)
             self._matcher, self._scanned = StopMatcher(self._stop), ""
         at = self._matcher.feed(text[len(self._scanned):])
@@ -130,6 +149,12 @@ class _Sequence:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
         except RuntimeError:  # the event loop closed (server shutting down)
             self.cancelled = True
+
+
+def _deliver(items: list[tuple[asyncio.Queue, GenerationChunk]]) -> None:
+    """Runs on the event loop: hand one step's chunks to their requests."""
+    for queue, item in items:
+        queue.put_nowait(item)
 
 
 class SequenceHandle:
@@ -172,6 +197,8 @@ class BatchScheduler:
         self._on_thread_start = on_thread_start
         self._pending: list[_Sequence] = []
         self._active: list[_Sequence] = []
+        self._outbox: list[_Sequence] = []  # sequences with a chunk to send after this step
+        self._chunks: list[GenerationChunk] = []
         self._state: Any = None
         self._next: np.ndarray = np.zeros(0, dtype=np.int64)
         self._cond = threading.Condition()
@@ -231,8 +258,10 @@ class BatchScheduler:
                     self._admit(arrived)
                 if self._active:
                     self._step()
+                self._flush()
             except Exception as exc:  # a model error must fail these requests, not the server
                 log.exception("%s: decode step failed", self._name)
+                self._flush()
                 for seq in self._active + arrived:
                     if not seq.done:
                         seq.done = True
@@ -242,11 +271,32 @@ class BatchScheduler:
             seq.emit(RuntimeError("the engine stopped"))
         self._active, self._pending, self._state = [], [], None
 
+    def _flush(self) -> None:
+        """Send the step's chunks: one event-loop wake-up per loop, not one per request.
+
+        `call_soon_threadsafe` writes to the loop's self-pipe each time; at 16 rows per step
+        that was 16 wake-ups of the thread that also serves HTTP.
+        """
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, GenerationChunk]]] = {}
+        for seq, chunk in zip(self._outbox, self._chunks):
+            by_loop.setdefault(seq.loop, []).append((seq.queue, chunk))
+        self._outbox, self._chunks = [], []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the event loop closed (server shutting down)
+                for seq in self._active:
+                    if seq.loop is loop:
+                        seq.cancelled = True
+
+    def _send(self, seq: _Sequence, chunk: GenerationChunk) -> None:
+        self._outbox.append(seq)
+        self._chunks.append(chunk)
+
     def _admit(self, arrived: list[_Sequence]) -> None:
         state, logits = self.backend.prefill([s.prepared.prompt_ids for s in arrived])
         self.stats.prefills += 1
-        tokens = np.array([self._sample(seq, logits[i]) for i, seq in enumerate(arrived)],
-                          dtype=np.int64)
+        tokens = self._sample_all(arrived, logits)
         keep = [i for i, seq in enumerate(arrived) if not self._accept(seq, int(tokens[i]))]
         if not keep:
             return
@@ -264,8 +314,7 @@ class BatchScheduler:
         self.stats.steps += 1
         self.stats.rows_decoded += len(self._active)
         self.stats.max_rows = max(self.stats.max_rows, len(self._active))
-        tokens = np.array([self._sample(seq, logits[i]) for i, seq in enumerate(self._active)],
-                          dtype=np.int64)
+        tokens = self._sample_all(self._active, logits)
         finished = [self._accept(seq, int(tokens[i])) for i, seq in enumerate(self._active)]
         self._next = tokens
         if any(finished):
@@ -286,9 +335,14 @@ class BatchScheduler:
         self._active = [self._active[i] for i in rows]
         self._next = self._next[rows]
 
-    def _sample(self, seq: _Sequence, logits: np.ndarray) -> int:
-        params = seq.prepared.request.sampling
-        return sample_token(logits, params.temperature, params.top_p, seq.rng)
+    def _sample_all(self, rows: list[_Sequence], logits: np.ndarray) -> np.ndarray:
+        """Next token of every row: one vectorized argmax for the greedy rows."""
+        tokens = np.asarray(logits.argmax(axis=-1), dtype=np.int64)
+        for i, seq in enumerate(rows):
+            params = seq.prepared.request.sampling
+            if params.temperature > 0 and params.top_p > 0:  # else greedy (sample_token's rule)
+                tokens[i] = sample_token(logits[i], params.temperature, params.top_p, seq.rng)
+        return tokens
 
     def _accept(self, seq: _Sequence, token: int) -> bool:
         """Record one new token; emit its text; return True when the sequence is finished."""
@@ -298,14 +352,14 @@ class BatchScheduler:
         if token in self.eos_ids:
             delta, _ = seq.text.push(seq.generated, final=True)
             seq.done = True
-            seq.emit(GenerationChunk(delta, 1, "stop"))
+            self._send(seq, GenerationChunk(delta, 1, "stop"))
             return True
         seq.generated.append(token)
         at_limit = len(seq.generated) >= seq.prepared.max_tokens
         delta, stopped = seq.text.push(seq.generated, final=at_limit)
         if stopped or at_limit:
             seq.done = True
-            seq.emit(GenerationChunk(delta, 1, "stop" if stopped else "length"))
+            self._send(seq, GenerationChunk(delta, 1, "stop" if stopped else "length"))
             return True
-        seq.emit(GenerationChunk(delta, 1))
+        self._send(seq, GenerationChunk(delta, 1))
         return False

@@ -1,9 +1,10 @@
 """The embedded ONNX Runtime engine for `onnx` and `onnx-int8` exports.
 
-The session (`runtime.onnx_model.OnnxCausalLM`) and its batched step
-(`runtime.onnx_steps.OrtStepBackend`) are the runtime's, shared with export verification and
-compare; this module wires them into an `EmbeddedEngine`. onnxruntime-gpu's CUDA provider is
-used when it is installed.
+The session (`runtime.onnx_model.OnnxCausalLM`) and its batched step (`runtime.onnx_steps.
+step_backend`: `SharedKvStepBackend` for a GroupQueryAttention graph from onnxruntime-genai's
+builder, KV updated in place; `OrtStepBackend` for optimum's graph) are the runtime's, shared
+with export verification and compare; this module wires them into an `EmbeddedEngine`.
+onnxruntime-gpu's CUDA provider is used when it is installed.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from toolkit.runtime.facts import eos_token_ids
-from toolkit.runtime.onnx_steps import OrtStepBackend, providers
+from toolkit.runtime.onnx_steps import providers, step_backend
+from toolkit.runtime.steps import StepBackend
 from toolkit.serve.engines.base import EngineInfo
 from toolkit.serve.engines.embedded import EmbeddedEngine
 
@@ -25,7 +27,7 @@ def build_onnx_engine(info: EngineInfo, path: Path, max_batch: int,
         MissingExtraError: onnxruntime is not installed (pip install 'toolkit[onnx]').
     """
 
-    def load() -> tuple[Any, OrtStepBackend, frozenset[int]]:
+    def load() -> tuple[Any, StepBackend, frozenset[int]]:
         from toolkit.extras import require
         from toolkit.runtime.loading import generation_config, load_tokenizer
         from toolkit.runtime.onnx_model import OnnxCausalLM
@@ -34,6 +36,7 @@ def build_onnx_engine(info: EngineInfo, path: Path, max_batch: int,
         lm = OnnxCausalLM.from_dir(path, threads=threads, providers=providers())
         tokenizer = load_tokenizer(path)
         eos = eos_token_ids(tokenizer, generation_config(path))
-        return tokenizer, OrtStepBackend(lm), frozenset(eos)
+        # the KV buffers hold the served context: nothing longer is admitted (EmbeddedEngine)
+        return tokenizer, step_backend(lm, capacity=info.max_model_len), frozenset(eos)
 
     return EmbeddedEngine(info, load, max_batch)

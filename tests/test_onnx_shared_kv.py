@@ -1,0 +1,161 @@
+"""The GroupQueryAttention graph (onnxruntime-genai's builder) and its in-place KV backend on
+the tiny model: same logits as torch, same greedy tokens as the optimum graph's path, rows
+joining and leaving a running batch, cancel, and the gateway serving it."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.artifact_builders import export_report
+from tests.serve_helpers import live_gateway
+from tests.test_serve_engines import PROMPTS, chat, check_batched_equals_solo
+from toolkit.artifacts import write_export
+
+
+@pytest.fixture(scope="module")
+def tiny_gqa_dir(tiny_model_dir, tmp_path_factory):
+    pytest.importorskip("onnxruntime")
+    from toolkit.errors import MissingExtraError
+    from toolkit.export.onnx_genai import export_genai_onnx
+
+    out = tmp_path_factory.mktemp("tiny-gqa") / "gqa"
+    try:
+        facts = export_genai_onnx(tiny_model_dir, out, precision="fp32")
+    except MissingExtraError as exc:
+        pytest.skip(f"no onnxruntime-genai: {exc}")
+    assert "genai_config.json" in facts["files"] and "config.json" in facts["files"]
+    write_export(out, export_report(out, "onnx", dtype="fp32", max_model_len=1024))
+    return out
+
+
+@pytest.fixture(scope="module")
+def gqa_lm(tiny_gqa_dir):
+    from toolkit.runtime.onnx_model import OnnxCausalLM
+
+    return OnnxCausalLM.from_dir(tiny_gqa_dir, threads=1)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from toolkit.runtime.loading import load_tokenizer
+
+    return load_tokenizer(tiny_model_dir)
+
+
+def _backend(lm, capacity: int = 64):
+    from toolkit.runtime.onnx_shared_kv import SharedKvStepBackend
+    from toolkit.runtime.onnx_steps import step_backend
+
+    backend = step_backend(lm, capacity)
+    assert isinstance(backend, SharedKvStepBackend)
+    return backend
+
+
+def test_graph_is_read_as_shared_kv(gqa_lm):
+    assert gqa_lm.is_shared_kv and gqa_lm.head_dim == 16 and gqa_lm.num_kv_heads == 2
+    assert gqa_lm.vocab_size == 512 and gqa_lm.num_layers == 2
+    with pytest.raises(ValueError, match="left padding"):
+        gqa_lm.logits(np.array([[0, 5, 6]]), np.array([[0, 1, 1]]))
+
+
+def test_logits_match_torch(gqa_lm, tiny_model_dir, tokenizer):
+    """Also checks the builder read rope_theta 50000 from transformers 5's rope_parameters."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    ids = np.array([tokenizer(PROMPTS[3])["input_ids"]])
+    with torch.inference_mode():
+        expected = model(input_ids=torch.tensor(ids)).logits.numpy()
+    assert ids.shape[1] > 8
+    np.testing.assert_allclose(gqa_lm.logits(ids), expected, atol=1e-4)
+    np.testing.assert_allclose(_backend(gqa_lm).prefill([ids[0].tolist()])[1][0],
+                               expected[0, -1], atol=1e-4)
+
+
+def test_batched_rows_join_and_leave_like_solo(gqa_lm, tokenizer):
+    check_batched_equals_solo(tokenizer, _backend(gqa_lm), atol=1e-4)
+
+
+def test_random_joins_and_leaves_keep_every_row_exact(gqa_lm):
+    """Rows join (merge, arena growth) and leave from the middle (slot moves) at random."""
+    backend = _backend(gqa_lm, capacity=48)
+    rng = np.random.default_rng(1)
+
+    def solo_next(prompt: list[int], fed: list[int]) -> np.ndarray:
+        state, logits = backend.prefill([prompt])
+        for token in fed:
+            state, logits = backend.decode(state, np.array([token]))
+        return logits[0]
+
+    rows: list[tuple[list[int], list[int]]] = []  # (prompt, tokens fed since)
+    state = None
+    for step in range(14):
+        if step in (0, 3, 4, 8):  # arrivals: one to three new prompts
+            prompts = [rng.integers(4, 500, rng.integers(1, 9)).tolist()
+                       for _ in range(int(rng.integers(1, 4)))]
+            new_state, _ = backend.prefill(prompts)
+            state = new_state if state is None else backend.merge(state, new_state)
+            rows += [(p, []) for p in prompts]
+        if step in (5, 9, 11) and len(rows) > 1:  # a row in the middle leaves
+            keep = [i for i in range(len(rows)) if i != len(rows) // 2]
+            state = backend.select(state, keep)
+            rows = [rows[i] for i in keep]
+        tokens = rng.integers(4, 500, len(rows))
+        state, logits = backend.decode(state, tokens)
+        for i, token in enumerate(tokens):
+            rows[i][1].append(int(token))
+        for i, (prompt, fed) in enumerate(rows):
+            np.testing.assert_allclose(logits[i], solo_next(prompt, fed), atol=1e-4)
+    assert state.arena.rows >= 5  # it grew past its first size
+
+
+def test_capacity_overflow_is_a_clear_error(gqa_lm):
+    backend = _backend(gqa_lm, capacity=6)
+    state, _ = backend.prefill([[5, 6, 7, 8, 9, 10]])
+    with pytest.raises(ValueError, match="KV capacity 6"):
+        backend.decode(state, np.array([11]))
+
+
+def test_greedy_tokens_equal_the_optimum_graph_path(gqa_lm, tiny_onnx_dir, tokenizer):
+    from toolkit.runtime.onnx_model import OnnxCausalLM
+    from toolkit.runtime.onnx_steps import OrtStepBackend
+    from toolkit.runtime.steps import greedy_generate
+
+    old = OrtStepBackend(OnnxCausalLM.from_dir(tiny_onnx_dir, threads=1))
+    new = _backend(gqa_lm)
+    for prompt in PROMPTS:
+        ids = tokenizer(prompt)["input_ids"]
+        assert greedy_generate(new, ids, 20, stop_at_eos=False) == \
+            greedy_generate(old, ids, 20, stop_at_eos=False)
+
+
+def test_gateway_serves_it_like_the_old_path(tiny_gqa_dir, tiny_onnx_dir):
+    """Concurrent requests of different lengths join and leave one batch; answers equal the
+    optimum graph's; a disconnected stream leaves the batch."""
+    lengths = [3, 12, 7, 16]
+    with live_gateway(tiny_onnx_dir, engine="onnxruntime", model_name="tiny", threads=1) as live:
+        before = [chat(live.base_url, p, max_tokens=n, temperature=0)["choices"][0]["message"]
+                  for p, n in zip(PROMPTS, lengths)]
+    with live_gateway(tiny_gqa_dir, engine="auto", model_name="tiny", threads=1) as live:
+        assert live.app.state.gateway.info.engine == "onnxruntime"
+        scheduler = live.app.state.gateway.engine.scheduler
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            now = list(pool.map(lambda a: chat(live.base_url, a[0], max_tokens=a[1],
+                                               temperature=0), zip(PROMPTS, lengths)))
+        assert [a["choices"][0]["message"] for a in now] == before
+        assert scheduler.stats.max_rows >= 2
+        request = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 900,
+                   "temperature": 0, "stream": True}
+        with (httpx.Client(timeout=30) as client,
+              client.stream("POST", f"{live.base_url}/v1/chat/completions", json=request) as resp):
+            next(resp.iter_lines())
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (scheduler._active or scheduler._pending):
+            time.sleep(0.02)
+        assert not scheduler._active and not scheduler._pending

@@ -1,0 +1,164 @@
+"""`StepBackend` over a GroupQueryAttention graph whose KV cache is updated in place.
+
+onnxruntime-genai's model builder emits one fused `GroupQueryAttention` per layer (rotary
+inside) with `past_present_share_buffer`: when `past_key_values.i.*` and `present.i.*` are the
+same buffer of shape (batch, kv heads, capacity, head dim), each row's new keys are written at
+its own length and attention reads only that row's prefix. So one decode step copies no cache
+at all (the optimum graph's `Concat` writes a new cache per step: the whole cache, every
+step), and rows of different lengths share a batch without padding: the attention mask only
+carries each row's length (`ReduceSum(mask) - 1` feeds the op's `seqlens_k`).
+
+This backend keeps those buffers in a `KvArena` bound to the session with IO binding.
+Capacity is the context length; the arrays are `np.zeros` (calloc), so memory is committed only
+for the tokens written. A row that leaves is replaced by the last physical row (one row copied)
+and the batch keeps a logical -> physical slot map, so the scheduler's row order never costs a
+cache copy. States are consumed: after `decode`, `select` or `merge` use only the state
+returned (they share and mutate the arena, which is the point).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+_KV_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+#: rows the first arena of a batch holds before it grows (doubling, one copy per growth)
+MIN_ROWS = 4
+
+
+class KvArena:
+    """Per-layer key/value buffers (rows, kv heads, capacity, head dim) and their IO bindings."""
+
+    def __init__(self, backend: SharedKvStepBackend, rows: int) -> None:
+        self.backend = backend
+        shape = (rows, backend.kv_heads, backend.capacity, backend.head_dim)
+        self.buffers = [np.zeros(shape, dtype=backend.kv_dtype) for _ in backend.past_names]
+        self._bindings: dict[int, Any] = {}
+
+    @property
+    def rows(self) -> int:
+        """Rows this arena can hold."""
+        return self.buffers[0].shape[0]
+
+    def binding(self, rows: int) -> Any:
+        """An IO binding with the first `rows` rows bound as both past and present (cached)."""
+        if rows not in self._bindings:
+            import onnxruntime as ort
+
+            binding = self.backend.session.io_binding()
+            for past, present, buffer in zip(self.backend.past_names, self.backend.present_names,
+                                             self.buffers):
+                value = ort.OrtValue.ortvalue_from_numpy(buffer[:rows])  # a contiguous prefix
+                binding.bind_ortvalue_input(past, value)
+                binding.bind_ortvalue_output(present, value)
+            self._bindings[rows] = binding
+        return self._bindings[rows]
+
+    def copy_row(self, source: KvArena, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` cached positions of row `src` of `source` into row `dst`."""
+        for mine, theirs in zip(self.buffers, source.buffers):
+            mine[dst, :, :length] = theirs[src, :, :length]
+
+
+@dataclass
+class SharedKvState:
+    """A batch in an arena: logical row -> physical row (a permutation of range(n)), lengths.
+
+    Attributes:
+        arena: the buffers holding the rows.
+        slots: physical row of each logical row (the scheduler's order).
+        lengths: tokens cached per logical row.
+    """
+
+    arena: KvArena
+    slots: np.ndarray
+    lengths: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+
+class SharedKvStepBackend:
+    """`StepBackend` over a builder graph (`GroupQueryAttention`, shared past/present buffers).
+
+    Args:
+        lm: an `OnnxCausalLM` whose graph `is_shared_kv`.
+        capacity: cached positions per row (prompt + answer); the serving context length.
+    """
+
+    can_merge = True
+
+    def __init__(self, lm: Any, capacity: int) -> None:
+        self.session = lm.session
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        self.past_names = [f"past_key_values.{i}.{kind}" for i in range(lm.num_layers)
+                           for kind in ("key", "value")]
+        self.present_names = [n.replace("past_key_values", "present") for n in self.past_names]
+        self.kv_heads, self.head_dim = lm.num_kv_heads, lm.head_dim
+        self.kv_dtype = _KV_TYPES.get(inputs[self.past_names[0]].type, np.float32)
+        self.vocab = lm.vocab_size
+        self.capacity = int(capacity)
+
+    def _run(self, arena: KvArena, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """One session run over the first len(ids) rows of `arena` (physical order)."""
+        binding = arena.binding(len(ids))
+        width = int(lengths.max())
+        if width > self.capacity:
+            raise ValueError(f"a sequence reached {width} tokens, over the KV capacity "
+                             f"{self.capacity}; lower max_tokens or raise --max-model-len")
+        mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+        logits = np.empty((*ids.shape, self.vocab), dtype=np.float32)
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("attention_mask", mask)
+        binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape),
+                            logits.ctypes.data)
+        self.session.run_with_iobinding(binding)
+        return logits
+
+    def prefill(self, prompts: list[list[int]]) -> tuple[SharedKvState, np.ndarray]:
+        """Right-pad the prompts into a new arena: rows attend to their own length only."""
+        lengths = np.array([len(p) for p in prompts], dtype=np.int64)
+        ids = np.zeros((len(prompts), int(lengths.max())), dtype=np.int64)
+        for row, prompt in enumerate(prompts):
+            ids[row, :len(prompt)] = prompt
+        arena = KvArena(self, max(len(prompts), MIN_ROWS))
+        logits = self._run(arena, ids, lengths)
+        rows = np.arange(len(prompts))
+        return SharedKvState(arena, rows, lengths), logits[rows, lengths - 1]
+
+    def decode(self, state: SharedKvState, tokens: np.ndarray) -> tuple[SharedKvState, np.ndarray]:
+        """One token per logical row; the arena is updated in place."""
+        lengths = state.lengths + 1
+        ids = np.empty((len(state), 1), dtype=np.int64)
+        ids[state.slots, 0] = tokens
+        physical = np.empty_like(lengths)
+        physical[state.slots] = lengths
+        logits = self._run(state.arena, ids, physical)[:, 0]
+        return SharedKvState(state.arena, state.slots, lengths), logits[state.slots]
+
+    def select(self, state: SharedKvState, rows: list[int]) -> SharedKvState:
+        """Keep `rows`; each physical hole left below the new size gets one row from above it."""
+        slots = state.slots[np.asarray(rows, dtype=np.int64)].copy()
+        lengths = state.lengths[np.asarray(rows, dtype=np.int64)]
+        size = len(rows)
+        holes = iter(sorted(set(range(size)) - set(slots.tolist())))
+        for row in np.flatnonzero(slots >= size):
+            hole = next(holes)
+            state.arena.copy_row(state.arena, int(slots[row]), hole, int(lengths[row]))
+            slots[row] = hole
+        return SharedKvState(state.arena, slots, lengths)
+
+    def merge(self, first: SharedKvState, second: SharedKvState) -> SharedKvState:
+        """Append `second`'s rows after `first`'s, in `first`'s arena (grown by doubling)."""
+        size = len(first) + len(second)
+        arena = first.arena
+        if size > arena.rows:
+            arena = KvArena(self, max(size, 2 * arena.rows))
+            for row, slot in enumerate(first.slots):
+                arena.copy_row(first.arena, int(slot), int(slot), int(first.lengths[row]))
+        for row, slot in enumerate(second.slots):
+            arena.copy_row(second.arena, int(slot), len(first) + row, int(second.lengths[row]))
+        slots = np.concatenate([first.slots, len(first) + np.arange(len(second))])
+        return SharedKvState(arena, slots, np.concatenate([first.lengths, second.lengths]))

@@ -136,7 +136,9 @@ class SharedKvStepBackend:
         physical = np.empty_like(lengths)
         physical[state.slots] = lengths
         logits = self._run(state.arena, ids, physical)[:, 0]
-        return SharedKvState(state.arena, state.slots, lengths), logits[state.slots]
+        in_order = bool((state.slots == np.arange(len(state))).all())
+        return SharedKvState(state.arena, state.slots, lengths), \
+            logits if in_order else logits[state.slots]
 
     def select(self, state: SharedKvState, rows: list[int]) -> SharedKvState:
         """Keep `rows`; each physical hole left below the new size gets one row from above it."""

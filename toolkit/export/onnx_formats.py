@@ -1,25 +1,20 @@
-"""`onnx` and `onnx-int8` as registry entries, over the exporter in `toolkit.export.onnx`.
+"""`onnx` and `onnx-int8` as registry entries, over the exporters in `toolkit.export`.
 
-The export itself (optimum-onnx in `.venv-onnx`, external data, the transformers 4.x config
-view) and the int8 settings live in `onnx.py`; this module adapts them to the registry's
-`(ctx, work) -> VariantResult` signature, reuses the fp32 export when both formats are asked
-for, and states the checks: `onnx` must match the merged PyTorch model's logits (a wrong
+`onnx` is optimum-onnx's graph (`onnx.py`: `.venv-onnx`, external data, the transformers 4.x
+config view); `onnx-int8` is onnxruntime-genai's builder graph (`onnx_genai.py`) with the
+int8 settings of `onnx.py`. This module adapts them to the registry's
+`(ctx, work) -> VariantResult` signature and states the checks: `onnx` must match the merged PyTorch model's logits (a wrong
 rope_theta passes optimum's own check but not this one); `onnx-int8` is judged by its
 perplexity delta.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from toolkit.atomic import PARTIAL_MARK
 from toolkit.errors import ToolkitError
 from toolkit.export.context import ExportContext, VariantResult
-from toolkit.export.registry import ExportFormat
 
 #: ONNX Runtime vs PyTorch, relative to the logit scale (fused kernels differ ~1e-5 of it)
 ONNX_REL_TOL = 1e-3
@@ -47,28 +42,23 @@ def export_onnx_fp32(ctx: ExportContext, work: Path) -> VariantResult:
 
 
 def export_onnx_int8(ctx: ExportContext, work: Path) -> VariantResult:
-    """ONNX Runtime int8 quantization of the fp32 ONNX export (reused when already made)."""
-    module = _onnx_module()
-    quantize = getattr(module, "quantize_onnx_int8", None)
-    if quantize is None:
-        raise ToolkitError("onnx-int8: toolkit.export.onnx has no quantize_onnx_int8 in this "
-                           "install; update the toolkit")
-    texts, calibration = ctx.calibration()
-    source = ctx.produced.get(ExportFormat.onnx)
-    scratch: Path | None = None
-    try:
-        if source is None:
-            scratch = Path(tempfile.mkdtemp(
-                prefix=f".onnx-int8-source{PARTIAL_MARK}{os.getpid()}-", dir=work.parent))
-            source = scratch / "onnx"
-            ctx.console.print("onnx-int8: exporting the fp32 ONNX graph first")
-            module.export_onnx(ctx.merged_dir, source)
-        ctx.console.print(f"onnx-int8: quantizing ({len(texts)} calibration examples "
-                          f"{calibration['by_language']})")
-        facts = quantize(source, work, texts)
-    finally:
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
+    """int8 graph from onnxruntime-genai's model builder, with `onnx-int8`'s MatMulNBits settings.
+
+    The builder's graph (fused GroupQueryAttention, KV cache updated in place) is what the
+    ONNX engine decodes fastest (`benchmarks/onnx_decode.py`); optimum's fp32 graph
+    quantized by `quantize_onnx_int8` holds the same int8 weights but copies the whole KV
+    cache every step.
+    """
+    if ctx.merged_dir is None:
+        raise RuntimeError("onnx-int8 starts from the merged folder; export merged first")
+    from toolkit.export.onnx import INT8_REASON, INT8_SETTINGS
+    from toolkit.export.onnx_genai import export_genai_onnx
+
+    _, calibration = ctx.calibration()  # reported; weight-only int8 needs no calibration
+    ctx.console.print("onnx-int8: building the GroupQueryAttention graph (onnxruntime-genai "
+                      "model builder, int8 MatMulNBits)")
+    facts = export_genai_onnx(ctx.merged_dir, work, "int8")
     warnings = [calibration["warning"]] if calibration.get("warning") else []
-    return VariantResult(quantization={"method": "onnxruntime", "bits": 8, **(facts or {})},
+    return VariantResult(quantization={"method": "onnxruntime", "bits": 8, **INT8_SETTINGS,
+                                       "reason": INT8_REASON, **facts},
                          calibration=calibration, warnings=warnings)

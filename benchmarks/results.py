@@ -130,8 +130,29 @@ def render_train_throughput(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def render_onnx_decode(data: dict[str, Any]) -> str:
+    """Old (optimum graph, KV copied per step) vs new (GQA graph, KV in place) decode paths."""
+    lines = ["| batch | path | ms/step | in ORT | Python around it | step tok/s | served tok/s | "
+             "new / old served | greedy = old |", "|---|---|---|---|---|---|---|---|---|"]
+    old = {row["batch"]: row for row in data["rows"] if row["path"] == "old"}
+    for row in data["rows"]:
+        ratio = "-" if row["path"] == "old" else \
+            f"{row['serve_tokens_per_s'] / old[row['batch']]['serve_tokens_per_s']:.2f}x"
+        lines.append(f"| {row['batch']} | {row['path']} | {row['step_ms']:.1f} | "
+                     f"{row['ort_ms']:.1f} | {row['python_ms']:.2f} | {row['tokens_per_s']:.0f} | "
+                     f"{row['serve_tokens_per_s']:.0f} | {ratio} | "
+                     f"{'yes' if row['greedy_equal_to_old'] else 'no'} |")
+    settings = data["settings"]
+    lines.append("")
+    lines.append(f"{settings['tokens']} tokens per answer, {settings['threads']} ORT threads, "
+                 f"{settings['rounds']} A B B A round(s); served = `BatchScheduler` without HTTP, "
+                 "every request forced to the full length.")
+    return "\n".join(lines)
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "export_quality": render_export_quality,
+    "onnx_decode": render_onnx_decode,
     "train_throughput": render_train_throughput,
 }
 

@@ -205,6 +205,7 @@ def main() -> None:
         found: dict[str, list[dict[str, Any]]] = {"old": [], "new": []}
         for _ in range(args.rounds):
             for name in ("old", "new", "new", "old"):
+                print(f"onnx_decode: batch {size}, {name}", file=sys.stderr, flush=True)
                 backend, timed, _ = variants[name]
                 found[name].append(step_breakdown(backend, timed, batch, args.tokens))
                 found[name][-1]["serve_tokens_per_s"] = serve_rate(backend, tokenizer, batch,

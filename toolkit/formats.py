@@ -108,13 +108,13 @@ REGISTRY: dict[ExportFormat, FormatSpec] = {
                    ("onnx", "onnxruntime"), "onnx", "onnxruntime", 8, 2.0,
                    "ONNX Runtime int8 quantization of the ONNX export",
                    ("onnx", "8-bit", "int8"), engines=("onnxruntime",)),
-        FormatSpec(ExportFormat.ct_w8a8, "toolkit.export.llmcompressor:export_ct_w8a8",
+        FormatSpec(ExportFormat.ct_w8a8, "toolkit.export.ct_formats:export_ct_w8a8",
                    ("compressed_tensors",), "transformers", "compressed-tensors", 8, 2.0,
                    "compressed-tensors W8A8 int8 (SmoothQuant + GPTQ, llmcompressor), "
                    "int8 weights and activations, for vLLM",
                    ("compressed-tensors", "8-bit", "int8", "w8a8"),
                    vllm_quantization="compressed-tensors"),
-        FormatSpec(ExportFormat.ct_w4a16, "toolkit.export.llmcompressor:export_ct_w4a16",
+        FormatSpec(ExportFormat.ct_w4a16, "toolkit.export.ct_formats:export_ct_w4a16",
                    ("compressed_tensors",), "transformers", "compressed-tensors", 4, 10.0,
                    "compressed-tensors W4A16 (GPTQ, llmcompressor), int4 weights in groups, "
                    "for vLLM", ("compressed-tensors", "4-bit", "int4", "w4a16"),

@@ -1,7 +1,7 @@
 """The llmcompressor side of `ct-w8a8` / `ct-w4a16`, run by the interpreter of `.venv-llmcompressor`.
 
 llmcompressor 0.14 pins transformers<=5.17 and compressed-tensors==0.19, so it cannot be
-imported by the toolkit's own venv; `toolkit.export.llmcompressor` runs this file as a script
+imported by the toolkit's own venv; `toolkit.export.ct_formats` runs this file as a script
 (`PYTHON llmcompressor_job.py JOB.json`). It imports only what that venv has (no toolkit), reads
 the job (model folder, output folder, scheme, calibration texts already rendered with the chat
 template), calibrates, saves the compressed-tensors checkpoint vLLM loads, and prints one JSON
@@ -10,10 +10,16 @@ line of facts for the export report.
 
 from __future__ import annotations
 
-import json
 import sys
-import time
 from pathlib import Path
+
+# run as a script, this folder would be sys.path[0] and its modules would shadow the packages
+# of the same name in the other venv
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    del sys.path[0]
+
+import json
+import time
 from typing import Any
 
 

@@ -12,7 +12,6 @@ generation did (`toolkit.export.vllm_proof`). Serve reads `engine_hint` to choos
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from dataclasses import dataclass
 from functools import lru_cache

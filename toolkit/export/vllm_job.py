@@ -13,12 +13,18 @@ line per model is printed, prefixed `VLLM_JOB `, as soon as it is known.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# run as a script, this folder would be sys.path[0] and its modules would shadow the packages
+# of the same name in the other venv
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    del sys.path[0]
+
 import json
 import math
-import sys
 import time
 import traceback
-from pathlib import Path
 from typing import Any
 
 

@@ -79,6 +79,19 @@ def test_vllm_flags_for_ct_export(tmp_path) -> None:
     assert args[args.index("--dtype") + 1] == "bfloat16"
 
 
+def test_report_less_ct_folders_are_recognised(tmp_path) -> None:
+    from toolkit.artifacts import export_format
+
+    weights = {"num_bits": 8, "type": "int", "strategy": "channel"}
+    for name, activations, expected in (("a", {"num_bits": 8, "dynamic": True}, ExportFormat.ct_w8a8),
+                                        ("b", None, ExportFormat.ct_w4a16)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({"quantization_config": {
+            "quant_method": "compressed-tensors", "config_groups": {"group_0": {
+                "weights": weights, "input_activations": activations}}}}))
+        assert export_format(tmp_path / name) is expected
+
+
 @pytest.mark.parametrize("avx512", [False, True])
 def test_static_check_int4_on_cpu_follows_avx512(monkeypatch, avx512: bool) -> None:
     import toolkit.export.vllm_compat as compat

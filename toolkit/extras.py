@@ -22,6 +22,7 @@ EXTRA_FOR_MODULE: dict[str, str] = {
     "optimum": "gptq",
     "vllm": "vllm",
     "psycopg": "postgres",
+    "compressed_tensors": "ct",
 }
 
 

@@ -21,6 +21,8 @@ class ExportFormat(str, Enum):
     gptq_int4 = "gptq-int4"
     onnx = "onnx"
     onnx_int8 = "onnx-int8"
+    ct_w8a8 = "ct-w8a8"
+    ct_w4a16 = "ct-w4a16"
 
     def __str__(self) -> str:
         return self.value
@@ -106,6 +108,17 @@ REGISTRY: dict[ExportFormat, FormatSpec] = {
                    ("onnx", "onnxruntime"), "onnx", "onnxruntime", 8, 2.0,
                    "ONNX Runtime int8 quantization of the ONNX export",
                    ("onnx", "8-bit", "int8"), engines=("onnxruntime",)),
+        FormatSpec(ExportFormat.ct_w8a8, "toolkit.export.ct_formats:export_ct_w8a8",
+                   ("compressed_tensors",), "transformers", "compressed-tensors", 8, 2.0,
+                   "compressed-tensors W8A8 int8 (SmoothQuant + GPTQ, llmcompressor), "
+                   "int8 weights and activations, for vLLM",
+                   ("compressed-tensors", "8-bit", "int8", "w8a8"),
+                   vllm_quantization="compressed-tensors"),
+        FormatSpec(ExportFormat.ct_w4a16, "toolkit.export.ct_formats:export_ct_w4a16",
+                   ("compressed_tensors",), "transformers", "compressed-tensors", 4, 10.0,
+                   "compressed-tensors W4A16 (GPTQ, llmcompressor), int4 weights in groups, "
+                   "for vLLM", ("compressed-tensors", "4-bit", "int4", "w4a16"),
+                   vllm_quantization="compressed-tensors"),
     )
 }
 

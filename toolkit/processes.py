@@ -98,15 +98,17 @@ def kill_group(pid: int, sig: int = signal.SIGKILL) -> None:
         os.killpg(pid, sig)
 
 
-def run_child(command: list[str], **kwargs: Any) -> subprocess.CompletedProcess:
+def run_child(command: list[str], timeout: float | None = None,
+              **kwargs: Any) -> subprocess.CompletedProcess:
     """`subprocess.run` for a child that must not outlive this process.
 
     The child gets its own session and dies with this process (`child_preexec`); on any
-    exception while waiting (Ctrl-C, SIGTERM turned into KeyboardInterrupt) its whole
-    process group is killed, not only the child as `subprocess.run` would.
+    exception while waiting (Ctrl-C, SIGTERM turned into KeyboardInterrupt, the timeout) its
+    whole process group is killed, not only the child as `subprocess.run` would.
 
     Args:
         command: the argv.
+        timeout: seconds to wait before killing the group (`subprocess.TimeoutExpired`).
         **kwargs: passed to `subprocess.Popen` (`env`, `text`, `capture_output` ...).
     """
     if kwargs.pop("capture_output", False):
@@ -115,7 +117,7 @@ def run_child(command: list[str], **kwargs: Any) -> subprocess.CompletedProcess:
     # imports or locks a thread of the parent could hold
     with subprocess.Popen(command, preexec_fn=child_preexec(), **kwargs) as process:  # noqa: PLW1509
         try:
-            stdout, stderr = process.communicate()
+            stdout, stderr = process.communicate(timeout=timeout)
         except BaseException:
             kill_group(process.pid)
             raise

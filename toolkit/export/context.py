@@ -34,6 +34,7 @@ class ExportContext:
         verify_prompts: held-out token ids on which logits are compared.
         reference: the merged model's perplexity, logits on `verify_prompts` and fp16 size,
             once measured (the runner's `_Reference`).
+        vllm_proof: load each vLLM-servable format in real vLLM and generate (`--vllm-proof`).
     """
 
     source: ExportSource
@@ -45,6 +46,7 @@ class ExportContext:
     produced: dict[ExportFormat, Path] = field(default_factory=dict)
     verify_prompts: list[list[int]] = field(default_factory=list)
     reference: Any = None
+    vllm_proof: bool = False
     _calibration: tuple[list[str], dict[str, Any]] | None = None
 
     def calibration(self) -> tuple[list[str], dict[str, Any]]:

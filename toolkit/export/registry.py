@@ -97,6 +97,17 @@ def _onnx_exporter(*functions: str) -> Callable[[], str | None]:
     return check
 
 
+def _llmcompressor_venv() -> str | None:
+    from toolkit.errors import MissingExtraError
+    from toolkit.export.sidecar import LLMCOMPRESSOR
+
+    try:
+        LLMCOMPRESSOR.resolve()
+    except MissingExtraError as exc:
+        return str(exc)
+    return None
+
+
 #: format -> extra check run only where torch sees no CUDA device
 CPU_CHECKS: dict[ExportFormat, Callable[[], str | None]] = {
     ExportFormat.bnb_int8: _bnb_cpu_backend,
@@ -107,6 +118,8 @@ OTHER_CHECKS: dict[ExportFormat, Callable[[], str | None]] = {
     ExportFormat.onnx: _onnx_exporter("export_onnx", "resolve_onnx_python"),
     ExportFormat.onnx_int8: _onnx_exporter("export_onnx", "resolve_onnx_python",
                                            "quantize_onnx_int8"),
+    ExportFormat.ct_w8a8: _llmcompressor_venv,
+    ExportFormat.ct_w4a16: _llmcompressor_venv,
 }
 
 

@@ -52,7 +52,8 @@ DEFAULT_EVAL = Path("data/test.jsonl")
 DEFAULT_CALIBRATION = Path("data/train.jsonl")
 #: third-party logging and warnings of the export (`toolkit.logs`), beside the format folders
 LOG_FILE = "export.log"
-NEEDS_CALIBRATION = (ExportFormat.gptq_int4, ExportFormat.onnx_int8)
+NEEDS_CALIBRATION = (ExportFormat.gptq_int4, ExportFormat.onnx_int8, ExportFormat.ct_w8a8,
+                     ExportFormat.ct_w4a16)
 
 
 class ExportUnavailableError(ToolkitError):
@@ -98,7 +99,7 @@ class _Reference:
 
 
 EXPORT_PACKAGES = ("toolkit", "torch", "transformers", "peft", "bitsandbytes", "gptqmodel",
-                   "optimum", "onnx", "onnxruntime")
+                   "optimum", "onnx", "onnxruntime", "compressed-tensors")
 
 
 def _resolve_data(path: Path | None, recorded: Path | None, default: Path, what: str) -> Path:
@@ -151,6 +152,7 @@ def run_export(
     threads: int = 1,
     speed_tokens: int = 32,
     verbose: bool = False,
+    vllm_proof: bool = False,
 ) -> ExportResult:
     """Export a fine-tune to each asked format, verify and measure each, print the table.
 
@@ -168,6 +170,9 @@ def run_export(
         speed_tokens: tokens generated for the speed measurement.
         verbose: also show third-party logging and warnings on the console; they always go
             to OUT/export.log.
+        vllm_proof: load every format vLLM may serve in the vLLM venv and generate a few
+            tokens (`toolkit.export.vllm_proof`); the report's `vllm` block and
+            `engine_hint` then record what happened instead of what vLLM claims to support.
 
     Returns:
         Every format's outcome; `complete` says whether all were produced.
@@ -187,7 +192,7 @@ def run_export(
         src = resolve_source(source)
         out = Path(out) if out is not None else src.default_out
         ctx = ExportContext(source=src, dtype=merge_dtype, out=out, calibration_path=None,
-                            console=console)
+                            console=console, vllm_proof=vllm_proof)
 
         reasons = _availability(formats)
         producible = [f for f in formats if reasons[f] is None]
@@ -404,11 +409,18 @@ def _verify_and_report(fmt: ExportFormat, ctx: ExportContext, reference: _Refere
             f"perplexity delta {deltas['overall']:+.1f} % exceeds the +{spec.target_delta_pct:g} % "
             f"target for {fmt.value} (fr {_fmt_pct(deltas['fr'])}, en {_fmt_pct(deltas['en'])})")
     versions = package_versions(EXPORT_PACKAGES)
-    vllm = vllm_support(fmt)
-    if vllm["checked"] and not vllm["loadable"]:
-        warnings.append(f"vLLM cannot load this export here: {vllm['reason']}")
-    size_bytes, weights_bytes = folder_sizes(work)
     dtype = _served_dtype(fmt, ctx, work)
+    vllm = vllm_support(fmt)
+    if ctx.vllm_proof and "vllm" in spec.engines:
+        from toolkit.export.vllm_proof import prove_export
+
+        ctx.console.print(f"{fmt.value}: proving vLLM loads it and generates (--vllm-proof)",
+                          highlight=False, markup=False)
+        vllm = prove_export(work, dtype=dtype, quantization=spec.vllm_quantization,
+                            prompt_ids=speed_prompt, threads=threads, static=vllm)
+    if vllm["checked"] and not vllm["loadable"]:
+        warnings.append(f"vLLM cannot serve this export here: {vllm['reason']}")
+    size_bytes, weights_bytes = folder_sizes(work)
     report = ExportReport(
         format=fmt.value, path=str(target), source=ctx.source.describe(), dtype=dtype,
         quantization=variant.quantization, max_model_len=context_length(work),

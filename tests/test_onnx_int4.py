@@ -69,6 +69,9 @@ def _graph(folder: Path):
     "hqq b64 asym acc4 emb=shared int8=down_proj",
     "gptq b32 asym acc4 emb=shared",
     "rtn b32 asym acc4 emb=shared int8=down_proj+lm_head",
+    "offset b32 asym acc4 emb=shared",
+    "offset b64 asym acc0 emb=fp32 int8=down_proj",
+    "offset b32 asym acc4 emb=shared int8=lm_head",
 ])
 def test_recipe_loads_scores_close_to_fp32_and_decodes(fp32, texts, tmp_path: Path,
                                                        label: str) -> None:
@@ -82,7 +85,8 @@ def test_recipe_loads_scores_close_to_fp32_and_decodes(fp32, texts, tmp_path: Pa
     assert (got.argmax(-1) == ref.argmax(-1)).mean() > 0.8
     assert [len(t) for t in model.generate_all([[5, 17, 42], [30, 12]], 4)] == [4, 4]
     matmuls = 2 * 7 + 1  # 2 layers x q/k/v/o/gate/up/down + lm_head
-    eight = {"down_proj+lm_head": 3, "down_proj": 2}.get(label.partition("int8=")[2], 0)
+    eight = {"down_proj+lm_head": 3, "down_proj": 2, "lm_head": 1}.get(
+        label.partition("int8=")[2], 0)
     assert (facts["quantized_matmuls_4bit"], facts["quantized_matmuls_8bit"]) == (
         matmuls - eight, eight)
     graph = _graph(tmp_path / "int4").graph
@@ -159,3 +163,23 @@ def test_missing_onnx_ir_names_the_extra(monkeypatch: pytest.MonkeyPatch, fp32,
     assert "pip install 'toolkit[onnx]'" in reason
     with pytest.raises(MissingExtraError, match=r"toolkit\[onnx\]"):
         quantize_onnx_int4(fp32[0], tmp_path / "out")
+
+
+def test_offset_blocks_are_exact_on_a_gguf_q4_1_grid() -> None:
+    """Weights that went through Q4_1 (`d * q + m` per 32-block) come back exactly: what
+    integer zero points cannot do (the embedded SmolLM2's layers are such weights)."""
+    from toolkit.export.onnx_int4_offset import quantize_blocks
+
+    rng = np.random.default_rng(1)
+    k, n, block = 64, 8, 32
+    q = rng.integers(0, 16, (n, k // block, block))
+    q[..., 0], q[..., 1] = 0, 15
+    d = rng.uniform(0.01, 0.05, (n, k // block, 1))
+    m = rng.uniform(-0.3, 0.0, (n, k // block, 1))
+    weight = (d * q + m).reshape(n, k).T.astype(np.float32)
+    weight[:, 0] = 0.25  # output 0: constant blocks (a padding row) stay exact too
+    packed, scale, offset = quantize_blocks(weight, block)
+    unpacked = np.stack([packed & 15, packed >> 4], -1).reshape(n, k // block, block)
+    restored = (scale[..., None] * (unpacked - 8.0) + offset[..., None]).reshape(n, k).T
+    np.testing.assert_allclose(restored, weight, rtol=0, atol=1e-6)
+    assert (unpacked[0] == 8).all()  # no int8 product to cancel against the offset

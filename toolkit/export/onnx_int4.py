@@ -23,9 +23,9 @@ from toolkit.errors import ConfigError, ModelSourceError
 from toolkit.export.onnx import ONNX_DATA_FILE, _staged, copy_model_files, untie_lm_head
 from toolkit.runtime.onnx_model import ONNX_FILE
 
-Algorithm = Literal["rtn", "k_quant", "hqq", "gptq"]
+Algorithm = Literal["rtn", "k_quant", "hqq", "gptq", "offset"]
 Embedding = Literal["fp32", "int4", "shared"]
-ALGORITHMS: tuple[str, ...] = ("rtn", "k_quant", "hqq", "gptq")
+ALGORITHMS: tuple[str, ...] = ("rtn", "k_quant", "hqq", "gptq", "offset")
 EMBEDDINGS: tuple[str, ...] = ("fp32", "int4", "shared")
 BLOCK_SIZES: tuple[int, ...] = (32, 64, 128)
 #: GPTQ calibration: the first texts up to this many tokens, cut into windows of this length.
@@ -42,7 +42,9 @@ class Int4Recipe:
     Attributes:
         algorithm: "rtn" (round to nearest, ORT's DefaultWeightOnlyQuantConfig), "k_quant"
             (llama.cpp-style scale search), "hqq" (half-quadratic zero-point fitting, float
-            zero points) or "gptq" (Hessian-aware rounding on calibration activations).
+            zero points) or "gptq" (Hessian-aware rounding on calibration activations), all
+            through ORT's quantizer; or "offset" (min/max blocks whose float offset is a
+            separate fp32 correction, `toolkit.export.onnx_int4_offset`; `symmetric` unused).
         block_size: weights sharing one scale (and zero point) along the input dimension.
         symmetric: no zero points (int4 around 0) instead of uint4 with a zero point.
         accuracy_level: MatMulNBits compute type: 0 = fp32 (dequantize then SGEMM), 4 = int8
@@ -134,15 +136,27 @@ def quantize_onnx_int4(src_dir: Path, out_dir: Path, calibration_texts: list[str
         and n.name not in sensitive]
     feeds = (_calibration_feeds(model, src_dir, calibration_texts)
              if recipe.algorithm == "gptq" else None)
-    model = _quantize(model, recipe, op_types=("MatMul",), exclude=sensitive + head, feeds=feeds)
+    corrections: list[str] = []
+    if recipe.algorithm == "offset":
+        from toolkit.export import onnx_int4_offset
+
+        onnx_int4_offset.rewrite_matmuls(model, recipe.block_size, recipe.accuracy_level,
+                                         set(sensitive))
+        corrections = [n.name for n in model.graph.node if n.name.endswith("_Offset")]
+    else:
+        model = _quantize(model, recipe, op_types=("MatMul",), exclude=sensitive + head,
+                          feeds=feeds)
     if head:
         model = _quantize(model, replace(recipe, algorithm="rtn", symmetric=False),
                           op_types=("MatMul",), exclude=sensitive)
     if sensitive:
         model = _quantize(model, replace(recipe, algorithm="rtn", symmetric=False),
-                          op_types=("MatMul",), bits=8)
+                          op_types=("MatMul",), exclude=corrections, bits=8)
     _set_accuracy_level(model, recipe.accuracy_level)
-    shared = recipe.embedding == "shared" and tied and _share_embedding(model, lm_head)
+    shared = recipe.embedding == "shared" and tied and (
+        (recipe.algorithm == "offset"
+         and onnx_int4_offset.share_embedding(model, lm_head, recipe.block_size))
+        or _share_embedding(model, lm_head))
     with _staged(out_dir) as stage:
         onnx.save_model(model, str(stage / ONNX_FILE), save_as_external_data=True,
                         all_tensors_to_one_file=True, location=ONNX_DATA_FILE, size_threshold=1024)

@@ -121,9 +121,9 @@ def decode_speed(folders: dict[str, Path], baseline: str, prompt: list[int], tok
     best = {name: 0.0 for name in models}
     ratios: dict[str, list[float]] = {name: [] for name in models if name != baseline}
     for _ in range(rounds):
-        for name in ratios:
+        for name, measured in ratios.items():
             a1, b1, b2, a2 = rate(baseline), rate(name), rate(name), rate(baseline)
-            ratios[name].append((b1 + b2) / (a1 + a2))
+            measured.append((b1 + b2) / (a1 + a2))
             best[name] = max(best[name], b1, b2)
             best[baseline] = max(best[baseline], a1, a2)
     return {name: {"tokens_per_s": best[name],

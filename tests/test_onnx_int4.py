@@ -15,7 +15,7 @@ from toolkit.errors import ConfigError, MissingExtraError, ModelSourceError
 pytest.importorskip("onnxruntime", reason="the onnx extra is not installed: pip install 'toolkit[onnx]'")
 pytest.importorskip("onnx_ir", reason="the onnx extra is not installed: pip install 'toolkit[onnx]'")
 
-from toolkit.export.onnx_int4 import (  # noqa: E402 (after the skips)
+from toolkit.export.onnx_int4 import (
     CHOSEN,
     Int4Recipe,
     parse_recipe,

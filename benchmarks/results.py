@@ -172,11 +172,49 @@ def render_vllm_quantized(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def render_onnx_int4_choice(data: dict[str, Any]) -> str:
+    """Each onnx-int4 recipe: Δ perplexity fr/en, size vs fp16, decode speed vs onnx-int8."""
+    settings = data["settings"]
+    targets = settings["targets"]
+    lines = ["| recipe | Δ fr | Δ en | vs fp16 | tok/s | vs onnx-int8 | quantize s | targets |",
+             "|---|---|---|---|---|---|---|---|"]
+    int8 = settings["onnx_int8"]
+    lines.append(f"| onnx-int8 (baseline) | {_pct(int8['delta_fr_pct'])} | "
+                 f"{_pct(int8['delta_en_pct'])} | {int8['size_vs_fp16_pct']:.0f} % | "
+                 f"{_num(int8.get('tokens_per_s'), '.1f')} | 1.00x | - | - |")
+    for row in data["rows"]:
+        if "error" in row:
+            lines.append(f"| {row['recipe']} | failed: {row['error']} | | | | | | |")
+            continue
+        ratio = row.get("vs_onnx_int8")
+        missed = [name for name, miss in (
+            ("fr", row["delta_fr_pct"] > targets["delta_pct"]),
+            ("en", row["delta_en_pct"] > targets["delta_pct"]),
+            ("size", row["size_vs_fp16_pct"] > 100 * targets["size_vs_fp16"]),
+            ("speed", ratio is not None and ratio < targets["vs_onnx_int8"])) if miss]
+        lines.append(
+            f"| {row['recipe']}{' **(chosen)**' if row.get('chosen') else ''} | "
+            f"{_pct(row['delta_fr_pct'])} | {_pct(row['delta_en_pct'])} | "
+            f"{row['size_vs_fp16_pct']:.0f} % | {_num(row.get('tokens_per_s'), '.1f')} | "
+            f"{_num(ratio, '.2f')}{'x' if ratio is not None else ''} | "
+            f"{row['quantize_s']:.0f} | {'miss ' + ', '.join(missed) if missed else 'all met'} |")
+    ref = settings["reference_ppl"]
+    lines.append("")
+    lines.append(
+        f"Model `{settings['model']}` (fp32 ONNX ppl fr {ref['fr']:.2f}, en {ref['en']:.2f}); "
+        f"{settings['threads']} thread, {settings['new_tokens']} greedy tokens, speed ratio = "
+        f"median over {settings['rounds']} A B B A rounds against onnx-int8 in the same process. "
+        f"Targets: Δ fr and Δ en <= +{targets['delta_pct']:.0f} %, <= "
+        f"{100 * targets['size_vs_fp16']:.0f} % of fp16, >= onnx-int8's speed.")
+    return "\n".join(lines)
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "export_quality": render_export_quality,
     "onnx_decode": render_onnx_decode,
     "train_throughput": render_train_throughput,
     "vllm_quantized": render_vllm_quantized,
+    "onnx_int4_choice": render_onnx_int4_choice,
 }
 
 

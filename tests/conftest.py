@@ -29,19 +29,31 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_onnx_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model through optimum's ONNX graph (`export_onnx`), once per session."""
+def tiny_onnx_export(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+                     ) -> tuple[Path, dict]:
+    """The tiny model's fp32 ONNX export (optimum's graph) and its facts, made once per session."""
     pytest.importorskip("onnxruntime")
-    from tests.artifact_builders import export_report
-    from toolkit.artifacts import write_export
     from toolkit.errors import MissingExtraError
     from toolkit.export.onnx import export_onnx
 
-    out = tmp_path_factory.mktemp("tiny-onnx") / "onnx"
+    out = tmp_path_factory.mktemp("onnx") / "onnx"
     try:
-        export_onnx(tiny_model_dir, out)
+        return out, export_onnx(tiny_model_dir, out)
     except MissingExtraError as exc:
         pytest.skip(f"no ONNX exporter venv: {exc}")
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_dir(tiny_onnx_export: tuple[Path, dict],
+                  tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of `tiny_onnx_export` with an export report, as `toolkit serve` finds it."""
+    import shutil
+
+    from tests.artifact_builders import export_report
+    from toolkit.artifacts import write_export
+
+    out = tmp_path_factory.mktemp("tiny-onnx") / "onnx"
+    shutil.copytree(tiny_onnx_export[0], out)
     write_export(out, export_report(out, "onnx", dtype="fp32", max_model_len=1024))
     return out
 

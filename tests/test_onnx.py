@@ -39,9 +39,8 @@ needs_onnx_venv = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def onnx_export(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    out = tmp_path_factory.mktemp("onnx") / "onnx"
-    return out, export_onnx(tiny_model_dir, out)
+def onnx_export(tiny_onnx_export: tuple[Path, dict]) -> tuple[Path, dict]:
+    return tiny_onnx_export
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ class ExportFormat(str, Enum):
     onnx_int8 = "onnx-int8"
     ct_w8a8 = "ct-w8a8"
     ct_w4a16 = "ct-w4a16"
+    onnx_int4 = "onnx-int4"
 
     def __str__(self) -> str:
         return self.value
@@ -105,8 +106,9 @@ REGISTRY: dict[ExportFormat, FormatSpec] = {
                    "ONNX graph with past key values (optimum-onnx), external data",
                    ("onnx",), engines=("onnxruntime",)),
         FormatSpec(ExportFormat.onnx_int8, "toolkit.export.onnx_formats:export_onnx_int8",
-                   ("onnx", "onnxruntime"), "onnx", "onnxruntime", 8, 2.0,
-                   "ONNX Runtime int8 quantization of the ONNX export",
+                   ("onnx", "onnxruntime", "onnxruntime_genai"), "onnx", "onnxruntime", 8, 2.0,
+                   "ONNX Runtime int8 (MatMulNBits) on onnxruntime-genai's GroupQueryAttention "
+                   "graph",
                    ("onnx", "8-bit", "int8"), engines=("onnxruntime",)),
         FormatSpec(ExportFormat.ct_w8a8, "toolkit.export.ct_formats:export_ct_w8a8",
                    ("compressed_tensors",), "transformers", "compressed-tensors", 8, 2.0,
@@ -119,6 +121,10 @@ REGISTRY: dict[ExportFormat, FormatSpec] = {
                    "compressed-tensors W4A16 (GPTQ, llmcompressor), int4 weights in groups, "
                    "for vLLM", ("compressed-tensors", "4-bit", "int4", "w4a16"),
                    vllm_quantization="compressed-tensors"),
+        FormatSpec(ExportFormat.onnx_int4, "toolkit.export.onnx_formats:export_onnx_int4",
+                   ("onnx", "onnxruntime", "onnx_ir"), "onnx", "onnxruntime", 4, 10.0,
+                   "ONNX Runtime 4-bit MatMulNBits of the ONNX export, embedding included",
+                   ("onnx", "4-bit", "int4"), engines=("onnxruntime",)),
     )
 }
 

@@ -1,20 +1,27 @@
-"""`onnx` and `onnx-int8` as registry entries, over the exporters in `toolkit.export`.
+"""`onnx`, `onnx-int8` and `onnx-int4` as registry entries, over the exporters in `toolkit.export`.
 
 `onnx` is optimum-onnx's graph (`onnx.py`: `.venv-onnx`, external data, the transformers 4.x
 config view); `onnx-int8` is onnxruntime-genai's builder graph (`onnx_genai.py`) with the
-int8 settings of `onnx.py`. This module adapts them to the registry's
-`(ctx, work) -> VariantResult` signature and states the checks: `onnx` must match the merged PyTorch model's logits (a wrong
-rope_theta passes optimum's own check but not this one); `onnx-int8` is judged by its
-perplexity delta.
+int8 settings of `onnx.py`; `onnx-int4` applies the measured 4-bit recipe (`onnx_int4.py`)
+to the fp32 ONNX export (reused when the same command made it). This module adapts them to
+the registry's `(ctx, work) -> VariantResult` signature and states the checks: `onnx` must
+match the merged PyTorch model's logits (a wrong rope_theta passes optimum's own check but
+not this one); `onnx-int8` and `onnx-int4` are judged by their perplexity delta.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from toolkit.atomic import PARTIAL_MARK
 from toolkit.errors import ToolkitError
 from toolkit.export.context import ExportContext, VariantResult
+from toolkit.export.registry import ExportFormat
 
 #: ONNX Runtime vs PyTorch, relative to the logit scale (fused kernels differ ~1e-5 of it)
 ONNX_REL_TOL = 1e-3
@@ -61,4 +68,43 @@ def export_onnx_int8(ctx: ExportContext, work: Path) -> VariantResult:
     warnings = [calibration["warning"]] if calibration.get("warning") else []
     return VariantResult(quantization={"method": "onnxruntime", "bits": 8, **INT8_SETTINGS,
                                        "reason": INT8_REASON, **facts},
+                         calibration=calibration, warnings=warnings)
+
+
+def export_onnx_int4(ctx: ExportContext, work: Path) -> VariantResult:
+    """ONNX Runtime 4-bit MatMulNBits of the fp32 ONNX export (the measured recipe)."""
+    try:
+        from toolkit.export import onnx_int4
+    except ImportError as exc:
+        raise ToolkitError(f"onnx-int4 is not available in this install ({exc})") from None
+    return _quantized(ctx, work, ExportFormat.onnx_int4, onnx_int4.quantize_onnx_int4, bits=4)
+
+
+def _quantized(ctx: ExportContext, work: Path, fmt: ExportFormat,
+               quantize: Callable[[Path, Path, list[str]], dict[str, Any]],
+               bits: int) -> VariantResult:
+    """Quantize the fp32 ONNX export into `work`: the one this command made, else a scratch one.
+
+    Args:
+        quantize: `(src_dir, out_dir, calibration_texts) -> facts`.
+    """
+    module = _onnx_module()
+    texts, calibration = ctx.calibration()
+    source = ctx.produced.get(ExportFormat.onnx)
+    scratch: Path | None = None
+    try:
+        if source is None:
+            scratch = Path(tempfile.mkdtemp(
+                prefix=f".{fmt}-source{PARTIAL_MARK}{os.getpid()}-", dir=work.parent))
+            source = scratch / "onnx"
+            ctx.console.print(f"{fmt}: exporting the fp32 ONNX graph first")
+            module.export_onnx(ctx.merged_dir, source)
+        ctx.console.print(f"{fmt}: quantizing ({len(texts)} calibration examples "
+                          f"{calibration['by_language']})")
+        facts = quantize(source, work, texts)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    warnings = [calibration["warning"]] if calibration.get("warning") else []
+    return VariantResult(quantization={"method": "onnxruntime", "bits": bits, **(facts or {})},
                          calibration=calibration, warnings=warnings)

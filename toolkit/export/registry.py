@@ -116,10 +116,9 @@ CPU_CHECKS: dict[ExportFormat, Callable[[], str | None]] = {
 #: format -> check that does not depend on the hardware
 OTHER_CHECKS: dict[ExportFormat, Callable[[], str | None]] = {
     ExportFormat.onnx: _onnx_exporter("export_onnx", "resolve_onnx_python"),
-    ExportFormat.onnx_int8: _onnx_exporter("export_onnx", "resolve_onnx_python",
-                                           "quantize_onnx_int8"),
     ExportFormat.ct_w8a8: _llmcompressor_venv,
     ExportFormat.ct_w4a16: _llmcompressor_venv,
+    ExportFormat.onnx_int4: _onnx_exporter("export_onnx", "resolve_onnx_python"),
 }
 
 

@@ -15,7 +15,37 @@ from typing import Any
 from toolkit.export.context import ExportContext, VariantResult
 
 
-def _quantize_and_save(ctx: ExportContext, work: Path, quant: Any, settings: dict[str, Any]) -> None:
+def bnb_config(settings: dict[str, Any]) -> Any:
+    """The transformers `BitsAndBytesConfig` for a settings dict (`int8_settings` /
+    `nf4_settings` shaped: the benchmark varies these keys)."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    skip = settings.get("skip_modules")
+    if settings["bits"] == 8:
+        return BitsAndBytesConfig(load_in_8bit=True,
+                                  llm_int8_threshold=settings["llm_int8_threshold"],
+                                  llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=settings["scheme"],
+        bnb_4bit_use_double_quant=settings["double_quant"],
+        bnb_4bit_compute_dtype=getattr(torch, settings["compute_dtype"]),
+        bnb_4bit_quant_storage=getattr(torch, settings.get("quant_storage", "uint8")),
+        llm_int8_skip_modules=skip)
+
+
+def quantize_bnb(model_dir: Path, out: Path, settings: dict[str, Any], *, dtype: str,
+                 trust_remote_code: bool = False) -> int:
+    """Load `model_dir` quantized by bitsandbytes with `settings` and save it to `out`.
+
+    The exporters and `benchmarks/quant_methods.py` both call this.
+
+    Args:
+        dtype: torch dtype name of the tensors bitsandbytes does not quantize.
+
+    Returns:
+        How many linear layers were quantized.
+    """
     import warnings
 
     import torch
@@ -23,17 +53,15 @@ def _quantize_and_save(ctx: ExportContext, work: Path, quant: Any, settings: dic
 
     from toolkit.extras import cuda_available
 
-    assert ctx.merged_dir is not None  # the runner exports merged first
     device = "cuda" if cuda_available() else "cpu"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = AutoModelForCausalLM.from_pretrained(
-            ctx.merged_dir, quantization_config=quant, device_map=device,
-            dtype=getattr(torch, ctx.dtype.torch_name),
-            trust_remote_code=ctx.source.trust_remote_code)
-    settings["quantized_modules"] = sum(
-        1 for m in model.modules() if type(m).__name__ in ("Linear8bitLt", "Linear4bit"))
-    model.save_pretrained(work)
+            model_dir, quantization_config=bnb_config(settings), device_map=device,
+            dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
+    quantized = sum(1 for m in model.modules() if type(m).__name__ in ("Linear8bitLt", "Linear4bit"))
+    model.save_pretrained(out)
+    return quantized
 
 
 def _bnb_version() -> str | None:
@@ -45,17 +73,36 @@ def _bnb_version() -> str | None:
         return None
 
 
-def export_bnb_int8(ctx: ExportContext, work: Path) -> VariantResult:
-    """LLM.int8 (vector-wise int8 weights, fp16 outlier columns above threshold 6.0)."""
-    from transformers import BitsAndBytesConfig
+def int8_settings() -> dict[str, Any]:
+    """The bnb-int8 settings (LLM.int8)."""
+    return {"method": "bitsandbytes", "bits": 8, "scheme": "llm.int8",
+            "llm_int8_threshold": 6.0, "skip_modules": None,
+            "reason": "LLM.int8 keeps outlier features in fp16: the int8 format that costs "
+                      "least quality"}
 
-    settings: dict[str, Any] = {"method": "bitsandbytes", "bits": 8, "scheme": "llm.int8",
-                                "llm_int8_threshold": 6.0, "bitsandbytes": _bnb_version(),
-                                "reason": "LLM.int8 keeps outlier features in fp16: the int8 "
-                                          "format that costs least quality"}
-    _quantize_and_save(ctx, work, BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0),
-                       settings)
+
+def nf4_settings(compute_dtype: str) -> dict[str, Any]:
+    """The bnb-nf4 settings; `compute_dtype` is the merged dtype's torch name."""
+    return {"method": "bitsandbytes", "bits": 4, "scheme": "nf4", "double_quant": True,
+            "blocksize": 64, "compute_dtype": compute_dtype, "quant_storage": "uint8",
+            "skip_modules": None,
+            "reason": "NF4 + double quantization (QLoRA's format): the most accurate "
+                      "bitsandbytes 4-bit type"}
+
+
+def _export(ctx: ExportContext, work: Path, settings: dict[str, Any]) -> VariantResult:
+    if ctx.merged_dir is None:
+        raise RuntimeError("bitsandbytes formats start from the merged folder; export merged first")
+    settings["bitsandbytes"] = _bnb_version()
+    settings["quantized_modules"] = quantize_bnb(
+        ctx.merged_dir, work, settings, dtype=ctx.dtype.torch_name,
+        trust_remote_code=ctx.source.trust_remote_code)
     return VariantResult(quantization=settings)
+
+
+def export_bnb_int8(ctx: ExportContext, work: Path) -> VariantResult:
+    """LLM.int8 (vector-wise int8 weights, fp16 outlier columns above the threshold)."""
+    return _export(ctx, work, int8_settings())
 
 
 def export_bnb_nf4(ctx: ExportContext, work: Path) -> VariantResult:
@@ -63,18 +110,4 @@ def export_bnb_nf4(ctx: ExportContext, work: Path) -> VariantResult:
 
     A CPU reload computes in fp32 instead (see `loading`), a GPU in the saved dtype.
     """
-    import torch
-    from transformers import BitsAndBytesConfig
-
-    compute = ctx.dtype.torch_name
-    settings: dict[str, Any] = {
-        "method": "bitsandbytes", "bits": 4, "scheme": "nf4", "double_quant": True,
-        "blocksize": 64, "compute_dtype": compute, "bitsandbytes": _bnb_version(),
-        "reason": "NF4 + double quantization (QLoRA's format): the most accurate bitsandbytes "
-                  "4-bit type",
-    }
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                               bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=getattr(torch, compute))
-    _quantize_and_save(ctx, work, quant, settings)
-    return VariantResult(quantization=settings)
+    return _export(ctx, work, nf4_settings(ctx.dtype.torch_name))

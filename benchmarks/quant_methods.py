@@ -148,7 +148,15 @@ def setup(args: argparse.Namespace) -> Bench:
     texts, info = calibration_texts(args.calibration, load_tokenizer(reference_dir),
                                     source.system_prompt)
     reference = load_export(reference_dir, fmt="merged", device="cpu")
-    ppl = ppl_summary(perplexity(reference.logits_fn, encoded))
+    # scored once per work folder: a resumed run compares with the same figures
+    cached = args.work / "reference.json"
+    saved = json.loads(cached.read_text()) if cached.is_file() else {}
+    if saved.get("reference") == str(reference_dir.resolve()):
+        ppl = saved["perplexity"]
+    else:
+        ppl = ppl_summary(perplexity(reference.logits_fn, encoded))
+        cached.write_text(json.dumps({"reference": str(reference_dir.resolve()),
+                                      "perplexity": ppl}))
     print(f"reference {reference_dir}: ppl {ppl['overall']:.2f} (fr {ppl['fr']:.2f}, "
           f"en {ppl['en']:.2f}) on {ppl['tokens']} tokens; calibration {len(texts)} examples "
           f"{info['by_language']}", flush=True)
@@ -318,7 +326,8 @@ def measure(bench: Bench, variant: Variant, work: Path) -> dict[str, Any]:
     tps, ratio = timed_ratio(bench, loaded)
     row = {
         "variant": variant.name, "family": variant.family, "note": variant.note,
-        "settings": {k: v for k, v in settings.items() if k != "reason"},
+        "settings": {k: v for k, v in settings.items()
+                     if k not in ("reason", "measured", "lm_head_note")},
         "weights_bytes": weights, "size_ratio": weights / bench.fp16_bytes,
         "perplexity": {k: ppl[k] for k in ("overall", "fr", "en")},
         "delta_pct": {k: delta_pct(ppl[k], bench.reference_ppl[k]) for k in ("overall", "fr", "en")},

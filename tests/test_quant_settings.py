@@ -112,3 +112,17 @@ def test_method_table_renders_ok_and_failed_rows() -> None:
     assert "| gptq g32 | 110 | 41% | 35.00 | +2.0 % | +5.0 % | +3.5 % | 20.0 | 1.25x | 100 | " \
            "TorchQuantLinear |" in table
     assert "failed: tied lm_head" in table and "ppl 33.80 (fr 29.40, en 38.10)" in table
+
+
+def test_int8_default_is_the_best_measured_variant_at_its_size() -> None:
+    from toolkit.export.bnb import INT8_MEASUREMENTS, INT8_THRESHOLD, int8_settings
+
+    chosen = [row for row in INT8_MEASUREMENTS if "(chosen)" in row[0]]
+    assert len(chosen) == 1 and f"threshold {INT8_THRESHOLD:g} " in chosen[0][0]
+    no_larger = [row for row in INT8_MEASUREMENTS if row[4] <= chosen[0][4]]
+    assert min(no_larger, key=lambda row: row[3]) == chosen[0]
+    settings = int8_settings()
+    assert settings["llm_int8_threshold"] == INT8_THRESHOLD
+    # the report's quantization block carries the alternatives with their numbers
+    assert [row["variant"] for row in settings["measured"]] == [r[0] for r in INT8_MEASUREMENTS]
+    assert {"delta_fr_pct", "delta_en_pct", "size_ratio"} <= set(settings["measured"][0])

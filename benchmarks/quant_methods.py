@@ -11,11 +11,14 @@ Speed: greedy batch-1 tok/s with --threads pinned, as a ratio to the merged mode
 interleaved rounds (merged, variant, variant, merged), because other jobs share the cores.
 
     .venv/bin/python benchmarks/quant_methods.py [--run runs/demo] [--only SUBSTR ...]
-        [--work DIR] [--threads 1] [--save]
+        [--work DIR] [--threads 1] [--tabulate] [--save]
 
 Rows are appended to WORK/rows.jsonl as they are measured and a rerun skips the variants already
 there, so a long run can be stopped and resumed; `--save` writes
 `benchmarks/results/quant_methods.json` (and the README/RESULTS.md block) from them.
+Time on 2 cores: a bitsandbytes row takes ~1 min quiet (2-4 min with four other jobs on the
+cores), an HQQ row ~2 min (4 min), a GPTQ row ~2-3 min quiet (the demo's gptq-int4 export:
+128 s) but over an hour with the cores shared five ways; all 33 rows, quiet: about an hour.
 HQQ rows need `pip install hqq` (not in the toolkit's locks: no shipped format uses it); without
 it they are recorded as skipped.
 """
@@ -134,11 +137,11 @@ def setup(args: argparse.Namespace) -> Bench:
     """Load the merged reference, encode the held-out set and render the calibration texts."""
     import torch
 
+    from toolkit.evaluation import perplexity
     from toolkit.export.calibration import calibration_texts
     from toolkit.export.quality import parameter_count, ppl_summary
     from toolkit.export.runner import encode_eval
     from toolkit.export.source import resolve_source
-    from toolkit.evaluation import perplexity
     from toolkit.runtime.loading import load_export, load_tokenizer
 
     torch.set_num_threads(args.threads)
@@ -304,8 +307,8 @@ def timed_ratio(bench: Bench, loaded: Any) -> tuple[float, float]:
 def measure(bench: Bench, variant: Variant, work: Path) -> dict[str, Any]:
     """Quantize, reload, score and time one variant; its table row."""
     from toolkit.evaluation import perplexity
-    from toolkit.export.quality import folder_sizes, ppl_summary
     from toolkit.export.gptq import quantized_kernels
+    from toolkit.export.quality import folder_sizes, ppl_summary
     from toolkit.export.report import delta_pct
 
     folder = work / "".join(c if c.isalnum() else "-" for c in variant.name)
@@ -362,6 +365,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--save", action="store_true",
                         help="write benchmarks/results/quant_methods.json from WORK/rows.jsonl")
+    parser.add_argument("--note", default="", help="a sentence saved with the results")
+    parser.add_argument("--tabulate", action="store_true",
+                        help="measure nothing: print (and --save) the rows already in WORK")
     args = parser.parse_args()
 
     args.work.mkdir(parents=True, exist_ok=True)
@@ -369,7 +375,10 @@ def main() -> int:
     done = {}
     if log.is_file():
         done = {r["variant"]: r for r in map(json.loads, log.read_text().splitlines())}
-    todo = [v for v in variants() if v.name not in done
+    for row in done.values():  # rows of older runs carried the report-only keys
+        for key in ("measured", "lm_head_note"):
+            row.get("settings", {}).pop(key, None)
+    todo = [v for v in variants() if v.name not in done and not args.tabulate
             and (not args.only or any(s in v.name for s in args.only))]
     bench = setup(args) if todo else None
     for variant in todo:
@@ -389,19 +398,24 @@ def main() -> int:
     order = [v.name for v in variants()]
     rows = sorted(done.values(), key=lambda r: order.index(r["variant"])
                   if r["variant"] in order else len(order))
-    reference_ppl = bench.reference_ppl if bench else None
+    # the reference scores cached by `setup` (a --save without new rows loads no model)
+    cached = json.loads((args.work / "reference.json").read_text())
+    reference_ppl = {k: cached["perplexity"][k] for k in ("overall", "fr", "en")}
     print_table(rows, reference_ppl)
     if args.save:
         from results import save
 
-        if bench is None:
-            bench = setup(args)
+        from toolkit.data.schema import load_examples
+        from toolkit.export.calibration import describe_data
+
+        calibration = describe_data(args.calibration, load_examples(args.calibration))
         save("quant_methods", {
-            "run": str(args.run), "reference": str(bench.reference_dir),
-            "reference_perplexity": {k: bench.reference_ppl[k] for k in ("overall", "fr", "en")},
-            "eval": str(args.eval), "calibration": str(args.calibration),
-            "calibration_examples": len(bench.texts), "calibration_by_language": bench.by_language,
+            "run": str(args.run), "reference": cached["reference"],
+            "reference_perplexity": reference_ppl, "eval": str(args.eval),
+            "calibration": str(args.calibration), "calibration_examples": calibration["examples"],
+            "calibration_by_language": calibration["by_language"],
             "threads": args.threads, "new_tokens": args.new_tokens, "rounds": args.rounds,
+            "note": args.note,
             "shared_cores": "yes: other jobs ran on the same 2 cores; speed is a ratio to the "
                             "merged model timed in interleaved rounds"}, rows)
     return 0

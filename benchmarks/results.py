@@ -132,8 +132,9 @@ def render_train_throughput(data: dict[str, Any]) -> str:
 
 def render_quant_methods(data: dict[str, Any]) -> str:
     """The quantization method table: size, perplexity delta fr/en, speed against merged."""
-    lines = ["| variant | MB | vs fp16 | ppl | Δ fr | Δ en | Δ ppl | tok/s | vs merged | "
-             "quantize s | kernel |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    header = ("| variant | MB | vs fp16 | ppl | Δ fr | Δ en | Δ ppl | tok/s | vs merged | "
+              "quantize s | kernel |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in data["rows"]:
         if row.get("status") != "ok":
             lines.append(f"| {row['variant']} | - | - | - | - | - | - | - | - | - | "
@@ -153,7 +154,8 @@ def render_quant_methods(data: dict[str, Any]) -> str:
                  f"(fr {_num(ref.get('fr'), '.2f')}, en {_num(ref.get('en'), '.2f')}); "
                  f"{settings['threads']} thread(s), batch-1 greedy, speed as a ratio to the merged "
                  "model timed in interleaved rounds on shared cores. Targets: 4-bit Δ fr and "
-                 "Δ en <= +10 % at <= 35 % of fp16; int8 <= +2 %.")
+                 "Δ en <= +10 % at <= 35 % of fp16; int8 <= +2 %." +
+                 (f" {settings['note']}" if settings.get("note") else ""))
     return "\n".join(lines)
 
 

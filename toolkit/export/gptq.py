@@ -78,7 +78,7 @@ def gptq_settings(model_dir: Path, trust_remote_code: bool = False) -> dict[str,
 GPTQ_REASON = (
     "desc_act off with gptqmodel's act-group-aware ordering: act-order accuracy with static "
     "groups, so every vLLM backend keeps its fast kernel; symmetric: what vLLM's GPTQ/Marlin "
-    "kernels expect. Measured on SmolLM2-135M (demo run, 2026-12-02): +18.4 % perplexity "
+    "kernels expect. Measured on SmolLM2-135M (demo run, AVX512 Xeon): +18.4 % perplexity "
     "(fr +22.3 %, en +10.8 %), 43 % of fp16, 28.7 tok/s with 1 thread. The variants of "
     "benchmarks/quant_methods.py (group 32, act-order, damping, mse, true-sequential, half "
     "the calibration set) were not measured yet: on the shared 2-core machine one GPTQ run "

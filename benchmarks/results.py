@@ -209,12 +209,42 @@ def render_onnx_int4_choice(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def render_quant_methods(data: dict[str, Any]) -> str:
+    """The quantization method table: size, perplexity delta fr/en, speed against merged."""
+    header = ("| variant | MB | vs fp16 | ppl | Δ fr | Δ en | Δ ppl | tok/s | vs merged | "
+              "quantize s | kernel |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in data["rows"]:
+        if row.get("status") != "ok":
+            lines.append(f"| {row['variant']} | - | - | - | - | - | - | - | - | - | "
+                         f"{row.get('status')}: {row.get('reason', '')} |")
+            continue
+        delta = row["delta_pct"]
+        lines.append(
+            f"| {row['variant']} | {row['weights_bytes'] / 1e6:.0f} | {row['size_ratio']:.0%} | "
+            f"{row['perplexity']['overall']:.2f} | {_pct(delta['fr'])} | {_pct(delta['en'])} | "
+            f"{_pct(delta['overall'])} | {row['tokens_per_s']:.1f} | "
+            f"{row['speed_vs_merged']:.2f}x | {row['quantize_s']:.0f} | "
+            f"{', '.join(row['kernels'])} |")
+    settings = data["settings"]
+    ref = settings.get("reference_perplexity") or {}
+    lines.append("")
+    lines.append(f"Reference: `{settings['run']}` merged fp16, ppl {_num(ref.get('overall'), '.2f')} "
+                 f"(fr {_num(ref.get('fr'), '.2f')}, en {_num(ref.get('en'), '.2f')}); "
+                 f"{settings['threads']} thread(s), batch-1 greedy, speed as a ratio to the merged "
+                 "model timed in interleaved rounds on shared cores. Targets: 4-bit Δ fr and "
+                 "Δ en <= +10 % at <= 35 % of fp16; int8 <= +2 %." +
+                 (f" {settings['note']}" if settings.get("note") else ""))
+    return "\n".join(lines)
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "export_quality": render_export_quality,
     "onnx_decode": render_onnx_decode,
     "train_throughput": render_train_throughput,
     "vllm_quantized": render_vllm_quantized,
     "onnx_int4_choice": render_onnx_int4_choice,
+    "quant_methods": render_quant_methods,
 }
 
 

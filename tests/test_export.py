@@ -336,6 +336,9 @@ def test_quantized_formats_are_measured_against_merged(exported: Any) -> None:
         quant = config["quantization_config"]
         assert (quant["bits"], quant["group_size"], quant["desc_act"]) == (4, 64, False)
         assert quant["checkpoint_format"] == "gptq"
+        # the kernel the measured speed ran: one of gptqmodel's quantized linear classes
+        assert gptq.quantization["inference_kernel"].endswith("Linear")
+        assert gptq.speed["tokens_per_s"] > 0
     if ExportFormat.onnx in cpu_formats():
         check = exported.outcome("onnx").report.verification
         assert check["max_abs_logit_diff"] <= check["tolerance"]

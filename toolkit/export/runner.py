@@ -211,7 +211,7 @@ def run_export(
             from toolkit.data.schema import load_examples
 
             load_examples(ctx.calibration_path)  # invalid calibration data fails before any work
-        encoded, eval_info, speed_prompt = _encode_eval(src, eval_path)
+        encoded, eval_info, speed_prompt = encode_eval(src, eval_path)
         ctx.verify_prompts = _verify_prompts(encoded)
         logs.attach(out / LOG_FILE)  # after the tokenizer: transformers' handler exists now
 
@@ -279,7 +279,10 @@ def _check_targets(formats: list[ExportFormat], out: Path, overwrite: bool,
         )
 
 
-def _encode_eval(src: Any, eval_path: Path) -> tuple[list[Any], dict[str, Any], list[int]]:
+def encode_eval(src: Any, eval_path: Path) -> tuple[list[Any], dict[str, Any], list[int]]:
+    """The held-out examples encoded as in training (system prompt, max length), their
+    description, and the speed prompt (the first example's prompt): what every format of an
+    export, and `benchmarks/quant_methods.py`, is scored on."""
     from transformers import AutoTokenizer
 
     from toolkit.data.prompts import encode_examples, ensure_chat_template

@@ -148,8 +148,14 @@ def ensure_ggufs(model_dir: Path, bin_dir: Path, tag: str = LLAMA_TAG, cache: Pa
     f16 = out / f"{base}-f16.gguf"
     source = source_dir(tag, cache)
     if not f16.is_file():
-        # the convert script of the same tag, with its own gguf-py (newer than PyPI's gguf)
-        env = {**os.environ, "PYTHONPATH": str(source / "gguf-py"), "HF_HUB_OFFLINE": "1"}
+        # the convert script of the same tag, with its own gguf-py (newer than PyPI's gguf),
+        # under this interpreter (torch, transformers) plus sentencepiece, which the script
+        # imports before it looks for a tokenizer.model
+        deps = cache / "convert-deps"
+        if not (deps / "sentencepiece").is_dir():
+            subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
+                            str(deps), "sentencepiece"], check=True)
+        env = {**os.environ, "PYTHONPATH": f"{source / 'gguf-py'}:{deps}", "HF_HUB_OFFLINE": "1"}
         subprocess.run([sys.executable, str(source / "convert_hf_to_gguf.py"), str(model_dir),
                         "--outfile", str(f16.with_suffix(".partial")), "--outtype", "f16"],
                        check=True, env=env)

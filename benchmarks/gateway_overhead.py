@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_throughput import (  # noqa: E402 - the benchmarks folder is not a package
+from serve_throughput import (  # the benchmarks folder is not a package
     PROMPTS,
     REPO,
     Sample,

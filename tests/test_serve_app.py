@@ -114,6 +114,13 @@ BAD_REQUESTS = [
     (json.dumps({**CHAT, "n": 2}).encode(), 400, "n"),
     (json.dumps({**CHAT, "stop": ["a", "b", "c", "d", "e"]}).encode(), 400, "stop"),
     (json.dumps({**CHAT, "seed": "x"}).encode(), 400, "seed"),
+    (json.dumps({**CHAT, "ignore_eos": "yes"}).encode(), 400, "ignore_eos"),
+    (json.dumps({**CHAT, "ignore_eos": 1}).encode(), 400, "ignore_eos"),
+    (json.dumps({**CHAT, "min_tokens": -1}).encode(), 400, "min_tokens"),
+    (json.dumps({**CHAT, "min_tokens": 2.5}).encode(), 400, "min_tokens"),
+    (json.dumps({**CHAT, "min_tokens": True}).encode(), 400, "min_tokens"),
+    (json.dumps({**CHAT, "max_tokens": 4, "min_tokens": 5}).encode(), 400, "min_tokens"),
+    (json.dumps({**CHAT, "max_completion_tokens": 4, "min_tokens": 5}).encode(), 400, "min_tokens"),
 ]
 
 

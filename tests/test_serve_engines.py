@@ -4,6 +4,8 @@ controls, stop strings, LoRA runs, ONNX Runtime, and the official openai client 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import json
 from pathlib import Path
 
 import httpx
@@ -73,6 +75,15 @@ def test_text_stream_holds_back_stop_prefixes():
     assert stream.push([0, 1, 2, 3, 4], final=False) == ("", True)  # cut at the stop string
     plain = TextStream(lambda ids: "ab\ufffd"[: len(ids)], [])
     assert plain.push([0, 1, 2], final=False) == ("ab", False)  # incomplete character held
+
+
+def test_text_stream_passes_over_stops_until_armed():
+    words = ["a", "STOP", "b", "STOP", "c"]
+    stream = TextStream(lambda ids: "".join(words[i] for i in ids), ["STOP"])
+    assert stream.push([0, 1], final=False, armed=False) == ("aSTOP", False)  # before min_tokens
+    assert stream.push([0, 1, 2], final=False) == ("b", False)
+    assert stream.push([0, 1, 2, 3], final=False) == ("", True)  # the next one ends the text
+    assert stream.sent == "aSTOPb"
 
 
 def test_sample_token():
@@ -152,6 +163,63 @@ def test_max_tokens_and_stop_strings(tiny_gateway):
     cut = chat(url, "the patient", max_tokens=16, temperature=0, stop=[stop])
     assert cut["choices"][0]["message"]["content"] == text[: text.find(stop)]
     assert cut["choices"][0]["finish_reason"] == "stop"
+
+
+@contextlib.contextmanager
+def every_token_is_eos(live):
+    """Make every token end the answer, so only ignore_eos/min_tokens can lengthen it."""
+    scheduler = live.app.state.gateway.engine.scheduler
+    before = scheduler.eos_ids
+    scheduler.eos_ids = frozenset(range(live.app.state.gateway.engine.tokenizer.vocab_size + 512))
+    try:
+        yield
+    finally:
+        scheduler.eos_ids = before
+
+
+def test_ignore_eos_and_min_tokens(tiny_gateway):
+    url = tiny_gateway.base_url
+    with every_token_is_eos(tiny_gateway):
+        plain = chat(url, "the patient", max_tokens=9, temperature=0)
+        assert plain["usage"]["completion_tokens"] == 1  # the EOS itself, as vLLM counts it
+        assert plain["choices"][0]["finish_reason"] == "stop"
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            long = list(pool.map(lambda p: chat(url, p, max_tokens=9, temperature=0,
+                                                ignore_eos=True), PROMPTS))
+        assert [a["usage"]["completion_tokens"] for a in long] == [9] * len(PROMPTS)
+        assert {a["choices"][0]["finish_reason"] for a in long} == {"length"}
+        with httpx.stream("POST", f"{url}/v1/completions", json={
+                "prompt": "Hello", "max_tokens": 7, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}}) as resp:
+            events = [e for e in resp.read().decode().split("\n\n") if e.startswith("data: {")]
+        assert json.loads(events[-1][6:])["usage"]["completion_tokens"] == 7
+        at_least = chat(url, "the patient", max_tokens=9, temperature=0, min_tokens=4)
+        assert at_least["usage"]["completion_tokens"] == 5  # 4 tokens, then the EOS
+        assert at_least["choices"][0]["finish_reason"] == "stop"
+
+
+def test_stop_strings_wait_for_min_tokens(tiny_gateway):
+    url = tiny_gateway.base_url
+    greedy = chat(url, "the patient", max_tokens=16, temperature=0, ignore_eos=True)
+    text = greedy["choices"][0]["message"]["content"]
+    if len(text) < 6:
+        pytest.skip("the random model answered too briefly to pick a stop string")
+    stop = text[1:3]
+    assert chat(url, "the patient", max_tokens=16, temperature=0, ignore_eos=True,
+                stop=[stop])["usage"]["completion_tokens"] < 16
+    late = chat(url, "the patient", max_tokens=16, temperature=0, ignore_eos=True, stop=[stop],
+                min_tokens=16)
+    # armed at the 16th token, the stop may still cut the text there (as in vLLM)
+    assert late["usage"]["completion_tokens"] == 16
+    assert text.startswith(late["choices"][0]["message"]["content"])
+    assert len(late["choices"][0]["message"]["content"]) > text.find(stop)
+
+
+def test_min_tokens_over_the_default_limit(tiny_gateway):
+    resp = httpx.post(f"{tiny_gateway.base_url}/v1/chat/completions",
+                      json={"messages": [{"role": "user", "content": "hi"}], "min_tokens": 5000})
+    assert resp.status_code == 400
+    assert resp.json()["error"]["param"] == "min_tokens"
 
 
 def test_context_limit(tiny_gateway):

@@ -232,6 +232,13 @@ def test_gateway_over_fake_vllm(fake_env, tiny_model_dir):
         resp = httpx.post(f"{url}/v1/chat/completions", json={
             "messages": [{"role": "user", "content": "x"}], "max_tokens": 5000})
         assert resp.status_code == 400 and "maximum context" in resp.json()["error"]["message"]
+        for extra, tokens in (({"ignore_eos": True}, 9), ({"min_tokens": 6}, 6), ({}, 4)):
+            answer = httpx.post(f"{url}/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": "x"}], "max_tokens": 9, **extra}).json()
+            assert answer["usage"]["completion_tokens"] == tokens, extra  # forwarded to vLLM
+        resp = httpx.post(f"{url}/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "x"}], "max_tokens": 9, "min_tokens": 10})
+        assert resp.status_code == 400 and resp.json()["error"]["param"] == "min_tokens"
         resp = httpx.post(f"{url}/v1/feedback", json={"completion_id": body["id"], "rating": 1})
         assert resp.status_code == 200
         pid = engine.pid

@@ -72,7 +72,7 @@ def to_generation_request(req: ChatCompletionRequest | CompletionRequest,
         max_tokens=req.token_limit(),
         temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p,
-        seed=req.seed, stop=req.stop_list(),
+        seed=req.seed, stop=req.stop_list(), ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
     )
     if isinstance(req, ChatCompletionRequest):
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
@@ -126,6 +126,12 @@ async def handle_generation(gateway: Gateway, request: Request, endpoint: str) -
         raise
     if req.token_limit() is None:  # the engine resolved "the rest of the context"; cap it
         prepared.max_tokens = min(prepared.max_tokens, gateway.settings.max_tokens_default)
+        if req.min_tokens > prepared.max_tokens:
+            slot.release()
+            raise OpenAIError(400, f"min_tokens ({req.min_tokens}) is over this answer's limit "
+                              f"of {prepared.max_tokens} tokens (the server's default or the "
+                              "context left); lower min_tokens or send max_tokens",
+                              param="min_tokens")
     cid = new_completion_id("chat" if endpoint == "chat" else "completion")
     created = now()
     prompt = prepared.request.messages if endpoint == "chat" else prepared.request.prompt

@@ -124,6 +124,45 @@ class Stops:
             asyncio.ensure_future(cut.wait()): shutdown_error}
         if receive is not None:
             self._watchers[asyncio.ensure_future(_client_gone(receive))] = ClientDisconnect
+        self._stopped: Callable[[], Exception] | None = None
+        self._waiter: asyncio.Task[Any] | None = None
+        for watcher, stop in self._watchers.items():
+            watcher.add_done_callback(self._on_stop(stop))
+
+    def _on_stop(self, stop: Callable[[], Exception]) -> Callable[[asyncio.Future[Any]], None]:
+        def fired(watcher: asyncio.Future[Any]) -> None:
+            if watcher.cancelled() or self._stopped is not None:
+                return
+            self._stopped = stop
+            if self._waiter is not None:
+                self._waiter.cancel()
+        return fired
+
+    async def next(self, chunks: AsyncIterator[T]) -> T:
+        """The next item of `chunks`, unless a stop comes first (then it is raised).
+
+        Unlike `wait`, this awaits in the calling task and creates nothing per item: a stop
+        cancels the wait through the watchers' callbacks. Racing a new task against the
+        watchers for every token cost ~0.1 ms of event-loop time per token (measured), which
+        the decode threads lose on a 2-core machine.
+
+        Raises:
+            StopAsyncIteration: `chunks` ended.
+            ClientDisconnect, OpenAIError: as `wait`.
+        """
+        if self._stopped is not None:
+            raise self._stopped()
+        task = asyncio.current_task()
+        self._waiter = task
+        try:
+            return await chunks.__anext__()
+        except asyncio.CancelledError:
+            # our own cancel (a stop) becomes the stop; any other cancel goes on
+            if self._stopped is None or task is None or task.uncancel() > 0:
+                raise
+            raise self._stopped() from None
+        finally:
+            self._waiter = None
 
     async def wait(self, work: Awaitable[T]) -> T:
         """`await work`, unless a stop comes first: then `work` is cancelled and the stop raised.
@@ -163,7 +202,7 @@ async def until_stopped(chunks: AsyncIterator[T], cut: asyncio.Event,
     try:
         while True:
             try:
-                item = await stops.wait(chunks.__anext__())
+                item = await stops.next(chunks)
             except StopAsyncIteration:
                 return
             yield item

@@ -17,6 +17,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    StrictBool,
     StrictInt,
     field_validator,
     model_validator,
@@ -144,6 +145,12 @@ class _GenerationFields(BaseModel):
     metadata: dict[str, str] | None = Field(
         default=None, description="Request tags (e.g. category) stored with the completion id."
     )
+    ignore_eos: StrictBool = Field(
+        default=False, description="vLLM's extra field: keep decoding past the end-of-sequence "
+        "token until max_tokens (benchmarks use it for answers of equal length).")
+    min_tokens: StrictInt = Field(
+        default=0, ge=0, description="vLLM's extra field: neither the end-of-sequence token nor "
+        "a stop string ends the answer before this many tokens.")
 
     @field_validator("stop")
     @classmethod
@@ -164,6 +171,21 @@ class _GenerationFields(BaseModel):
                                                          for k, v in value.items())):
             raise ValueError("metadata: at most 16 keys, keys <= 64 and values <= 512 characters")
         return value
+
+    @model_validator(mode="after")
+    def _check_min_tokens(self) -> _GenerationFields:
+        limit = self.token_limit()
+        if limit is not None and self.min_tokens > limit:
+            # an OpenAIError passes through pydantic unchanged, so the 400 names its param (a
+            # ValueError from a model validator would have no field location)
+            raise OpenAIError(400, f"min_tokens ({self.min_tokens}) must be at most max_tokens "
+                              f"({limit}); lower min_tokens or raise max_tokens",
+                              param="min_tokens")
+        return self
+
+    def token_limit(self) -> int | None:
+        """The answer's token limit the client sent, if any."""
+        return self.max_tokens
 
     def stop_list(self) -> list[str]:
         """Stop strings as a list."""
@@ -213,10 +235,6 @@ class CompletionRequest(_GenerationFields):
     def prompt_text(self) -> str:
         """The prompt string."""
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
-
-    def token_limit(self) -> int | None:
-        """`max_tokens`."""
-        return self.max_tokens
 
 
 class FeedbackRequest(BaseModel):

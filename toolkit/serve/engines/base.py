@@ -37,6 +37,10 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    #: decode past the end-of-sequence token up to max_tokens (vLLM's `ignore_eos`)
+    ignore_eos: bool = False
+    #: neither end-of-sequence nor a stop string ends the answer before this many tokens
+    min_tokens: int = 0
 
 
 @dataclass

@@ -48,8 +48,11 @@ class StopMatcher:
         """Characters at the end of the text that may start a stop string."""
         return max(self._states, default=0)
 
-    def feed(self, text: str) -> int | None:
-        """Read more text; the offset (in all text fed) where a stop string starts, if one ended."""
+    def feed(self, text: str, armed: bool = True) -> int | None:
+        """Read more text; the offset (in all text fed) where a stop string starts, if one ended.
+
+        Unarmed (before `min_tokens`), a completed stop string is passed over, as vLLM does.
+        """
         for char in text:
             self._seen += 1
             for i, stop in enumerate(self._stops):
@@ -59,7 +62,9 @@ class StopMatcher:
                 if stop[state] == char:
                     state += 1
                 if state == len(stop):
-                    return self._seen - state
+                    if armed:
+                        return self._seen - state
+                    state = fallback[state - 1]
                 self._states[i] = state
         return None
 
@@ -112,12 +117,12 @@ class TextStream:
             return self._text
         return self._text + fresh.rstrip("\ufffd")  # decided by the next token
 
-    def push(self, tokens: list[int], final: bool) -> tuple[str, bool]:
-        """The new text to send and whether a stop string was hit."""
+    def push(self, tokens: list[int], final: bool, armed: bool = True) -> tuple[str, bool]:
+        """The new text to send and whether a stop string was hit (only when `armed`)."""
         text = self._detokenize(tokens, final)
         if not text.startswith(self._scanned):  # the tokenizer rewrote earlier text (rare)
             self._matcher, self._scanned = StopMatcher(self._stop), ""
-        at = self._matcher.feed(text[len(self._scanned):])
+        at = self._matcher.feed(text[len(self._scanned):], armed)
         self._scanned = text
         if at is not None:
             return self._delta(text[:at]), True
@@ -349,14 +354,19 @@ class BatchScheduler:
         if seq.cancelled:
             seq.done = True
             return True
-        if token in self.eos_ids:
+        params = seq.prepared.request.sampling
+        # vLLM's ignore_eos / min_tokens: an EOS that may not end the answer is kept as a token
+        # (decoded to no text) and decoding goes on
+        if token in self.eos_ids and not params.ignore_eos and \
+                len(seq.generated) >= params.min_tokens:
             delta, _ = seq.text.push(seq.generated, final=True)
             seq.done = True
             self._send(seq, GenerationChunk(delta, 1, "stop"))
             return True
         seq.generated.append(token)
         at_limit = len(seq.generated) >= seq.prepared.max_tokens
-        delta, stopped = seq.text.push(seq.generated, final=at_limit)
+        delta, stopped = seq.text.push(seq.generated, final=at_limit,
+                                       armed=len(seq.generated) >= params.min_tokens)
         if stopped or at_limit:
             seq.done = True
             self._send(seq, GenerationChunk(delta, 1, "stop" if stopped else "length"))

@@ -1,8 +1,9 @@
-"""The `onnx-int4` format: ONNX Runtime's 4-bit MatMulNBits over the fp32 optimum export.
+"""The `onnx-int4` format: ONNX Runtime's 4-bit MatMulNBits over the builder's fp32 graph.
 
-Same graph contract as `onnx` and `onnx-int8` (input_ids, attention_mask, position_ids,
-past_key_values.* -> logits, present.*), so `OnnxCausalLM` and the onnxruntime engine load it
-unchanged. What varies is how the weights become 4 bits, described by an `Int4Recipe`:
+It starts from onnxruntime-genai's fp32 GroupQueryAttention graph (`onnx_genai`), the graph
+`onnx-int8` is built as: the same inputs and outputs and the same `genai_config.json`, so the
+onnxruntime engine decodes it with the KV cache updated in place (`onnx_shared_kv`). Only
+the MatMul weights and the token embedding change. What varies is how the weights become 4 bits, described by an `Int4Recipe`:
 the algorithm (round-to-nearest, k-quant, HQQ, GPTQ on our FR/EN calibration texts), the
 block size, symmetric or not, the compute precision (`accuracy_level` 4 = int8 activations,
 MLAS's fast CPU path), what happens to the token embedding, and which MatMuls stay in 8 bits.
@@ -12,7 +13,9 @@ below are its result, and the export report carries both.
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -20,8 +23,8 @@ from typing import Any, Literal
 import numpy as np
 
 from toolkit.errors import ConfigError, ModelSourceError
-from toolkit.export.onnx import ONNX_DATA_FILE, _staged, copy_model_files, untie_lm_head
-from toolkit.runtime.onnx_model import ONNX_FILE
+from toolkit.export.onnx import ONNX_DATA_FILE, _staged, copy_model_files
+from toolkit.runtime.onnx_model import GENAI_CONFIG, ONNX_FILE
 
 Algorithm = Literal["rtn", "k_quant", "hqq", "gptq", "offset"]
 Embedding = Literal["fp32", "int4", "shared"]
@@ -33,6 +36,8 @@ BLOCK_SIZES: tuple[int, ...] = (32, 64, 128)
 #: window, so its cost is linear in these tokens; 4k tokens keep it to minutes on 2 cores.
 GPTQ_TOKENS = 4096
 GPTQ_WINDOW = 512
+#: the untied embedding's initializer (the builder names only the tied lm_head weight)
+EMBEDDING_WEIGHT = "model.embed_tokens.weight"
 
 
 @dataclass(frozen=True)
@@ -93,10 +98,10 @@ CHOSEN = Int4Recipe(algorithm="offset", block_size=32, embedding="shared")
 
 def quantize_onnx_int4(src_dir: Path, out_dir: Path, calibration_texts: list[str] | None = None,
                        recipe: Int4Recipe = CHOSEN) -> dict[str, Any]:
-    """Write an `onnx-int4` folder from an fp32 `export_onnx` folder.
+    """Write an `onnx-int4` folder from the builder's fp32 graph.
 
     Args:
-        src_dir: an fp32 export written by `export_onnx`.
+        src_dir: an fp32 graph written by `onnx_genai.export_genai_onnx(merged, src_dir, "fp32")`.
         out_dir: the int4 folder, replaced if it exists; gets the same tokenizer/config files.
         calibration_texts: rendered FR/EN conversations; only GPTQ uses them (it fits the
             rounding to the activations they produce).
@@ -106,7 +111,8 @@ def quantize_onnx_int4(src_dir: Path, out_dir: Path, calibration_texts: list[str
         The recipe, node counts, why it was chosen, the measured alternatives and the files.
 
     Raises:
-        ModelSourceError: `src_dir` has no model.onnx.
+        ModelSourceError: `src_dir` has no model.onnx or no genai_config.json (not a builder
+            graph: the int4 folder would not be served by the in-place KV path).
         ConfigError: GPTQ without calibration texts.
         MissingExtraError: onnx, onnxruntime or onnx-ir is not installed.
     """
@@ -117,13 +123,16 @@ def quantize_onnx_int4(src_dir: Path, out_dir: Path, calibration_texts: list[str
     import onnx
 
     src_dir, out_dir = Path(src_dir), Path(out_dir)
-    if not (src_dir / ONNX_FILE).is_file():
-        raise ModelSourceError(f"{src_dir}: no {ONNX_FILE}; run the `onnx` export first")
+    for name in (ONNX_FILE, GENAI_CONFIG):
+        if not (src_dir / name).is_file():
+            raise ModelSourceError(
+                f"{src_dir}: no {name}; build the fp32 GroupQueryAttention graph first "
+                "(toolkit.export.onnx_genai.export_genai_onnx(merged, out, \"fp32\"))")
     if recipe.algorithm == "gptq" and not calibration_texts:
         raise ConfigError("onnx-int4 with GPTQ needs calibration texts: pass --calibration "
                           "data/train.jsonl")
     model = onnx.load(str(src_dir / ONNX_FILE))
-    tied = untie_lm_head(model)
+    tied = _untie_embedding(model)
     lm_head = _lm_head_weight(model)
     if recipe.embedding == "int4":
         model = _quantize(model, Int4Recipe(block_size=recipe.block_size,
@@ -161,6 +170,7 @@ def quantize_onnx_int4(src_dir: Path, out_dir: Path, calibration_texts: list[str
         onnx.save_model(model, str(stage / ONNX_FILE), save_as_external_data=True,
                         all_tensors_to_one_file=True, location=ONNX_DATA_FILE, size_threshold=1024)
         copy_model_files(src_dir, stage)
+        shutil.copy2(src_dir / GENAI_CONFIG, stage / GENAI_CONFIG)
     counts = _node_counts(model)
     return {
         "method": "MatMulNBits int4 weight-only (onnxruntime MatMulNBitsQuantizer)",
@@ -172,7 +182,7 @@ def quantize_onnx_int4(src_dir: Path, out_dir: Path, calibration_texts: list[str
         "embedding": ("shared with the quantized lm_head (GatherBlockQuantized)" if shared
                       else {"fp32": "fp32 Gather", "int4": "own 4-bit GatherBlockQuantized",
                             "shared": "fp32 Gather (lm_head not tied)"}[recipe.embedding]),
-        "lm_head_untied": tied,
+        "embedding_tied": tied,
         "calibration_tokens": sum(int(f["input_ids"].size) for f in feeds) if feeds else 0,
         "reason": INT4_REASON if recipe == CHOSEN else "recipe given by the caller",
         "measured": [dict(zip(MEASUREMENT_FIELDS, row)) for row in INT4_MEASUREMENTS],
@@ -245,21 +255,15 @@ def _calibration_feeds(model: Any, src_dir: Path,
         if len(ids) >= GPTQ_TOKENS:
             break
     ids = ids[:GPTQ_TOKENS]
-    past = {}
-    for graph_input in model.graph.input:
-        if graph_input.name.startswith("past_key_values."):
-            dims = graph_input.type.tensor_type.shape.dim
-            past[graph_input.name] = np.zeros((1, dims[1].dim_value, 0, dims[3].dim_value),
-                                              dtype=np.float32)
-    names = {graph_input.name for graph_input in model.graph.input}
-    feeds = []
-    for start in range(0, len(ids), GPTQ_WINDOW):
-        window = np.asarray([ids[start:start + GPTQ_WINDOW]], dtype=np.int64)
-        feed = {"input_ids": window, "attention_mask": np.ones_like(window), **past}
-        if "position_ids" in names:
-            feed["position_ids"] = np.arange(window.shape[1], dtype=np.int64)[None]
-        feeds.append(feed)
-    return feeds
+    # the graph leaves the head size symbolic; the builder's config states it
+    decoder = json.loads((src_dir / GENAI_CONFIG).read_text(encoding="utf-8"))["model"]["decoder"]
+    past = {graph_input.name: np.zeros((1, decoder["num_key_value_heads"], 0,
+                                        decoder["head_size"]), dtype=np.float32)
+            for graph_input in model.graph.input
+            if graph_input.name.startswith("past_key_values.")}
+    return [{"input_ids": window, "attention_mask": np.ones_like(window), **past}
+            for window in (np.asarray([ids[start:start + GPTQ_WINDOW]], dtype=np.int64)
+                           for start in range(0, len(ids), GPTQ_WINDOW))]
 
 
 def _matching_matmuls(model: Any, patterns: tuple[str, ...]) -> list[str]:
@@ -267,8 +271,37 @@ def _matching_matmuls(model: Any, patterns: tuple[str, ...]) -> list[str]:
             if n.op_type == "MatMul" and any(p in n.name for p in patterns)]
 
 
+def _untie_embedding(model: Any) -> bool:
+    """Give a tied embedding its own fp32 weight, so every recipe starts from separate matrices.
+
+    The builder stores a tied matrix once, as the lm_head's [hidden, vocab] MatMul weight, and
+    feeds the embedding Gather `Transpose(that weight)`. The lm_head is then quantized like any
+    MatMul, and the embedding is kept (fp32), quantized on its own, or replaced by a
+    GatherBlockQuantized over the lm_head's 4-bit bytes (`embedding` "shared").
+
+    Returns:
+        Whether a tied embedding was found and untied.
+    """
+    from onnx import numpy_helper
+
+    initializers = {init.name: init for init in model.graph.initializer}
+    producers = {out: node for node in model.graph.node for out in node.output}
+    gather = next((n for n in model.graph.node
+                   if n.op_type == "Gather" and n.input[1] == "input_ids"), None)
+    transpose = producers.get(gather.input[0]) if gather is not None else None
+    if (transpose is None or transpose.op_type != "Transpose"
+            or transpose.input[0] not in initializers):
+        return False
+    weight = numpy_helper.to_array(initializers[transpose.input[0]])
+    model.graph.initializer.append(numpy_helper.from_array(weight.T.copy(), EMBEDDING_WEIGHT))
+    gather.input[0] = EMBEDDING_WEIGHT
+    if not any(transpose.output[0] in n.input for n in model.graph.node):
+        model.graph.node.remove(transpose)
+    return True
+
+
 def _lm_head_weight(model: Any) -> str | None:
-    """The weight name of the MatMul producing `logits` (after `untie_lm_head`)."""
+    """The weight name of the MatMul producing `logits`."""
     producers = {out: node for node in model.graph.node for out in node.output}
     node = producers.get("logits")
     return node.input[1] if node is not None and node.op_type == "MatMul" else None

@@ -24,7 +24,6 @@ from toolkit.export.onnx_int4 import (
     quantize_onnx_int4,
 )
 
-
 IDS = np.random.default_rng(0).integers(1, 200, (2, 24))
 
 

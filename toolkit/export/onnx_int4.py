@@ -3,10 +3,11 @@
 It starts from onnxruntime-genai's fp32 GroupQueryAttention graph (`onnx_genai`), the graph
 `onnx-int8` is built as: the same inputs and outputs and the same `genai_config.json`, so the
 onnxruntime engine decodes it with the KV cache updated in place (`onnx_shared_kv`). Only
-the MatMul weights and the token embedding change. What varies is how the weights become 4 bits, described by an `Int4Recipe`:
-the algorithm (round-to-nearest, k-quant, HQQ, GPTQ on our FR/EN calibration texts), the
-block size, symmetric or not, the compute precision (`accuracy_level` 4 = int8 activations,
-MLAS's fast CPU path), what happens to the token embedding, and which MatMuls stay in 8 bits.
+the MatMul weights and the token embedding change. What varies is how the weights become
+4 bits, described by an `Int4Recipe`: the algorithm (round-to-nearest, k-quant, HQQ, GPTQ on
+our FR/EN calibration texts), the block size, symmetric or not, the compute precision
+(`accuracy_level` 4 = int8 activations, MLAS's fast CPU path), what happens to the token
+embedding, and which MatMuls stay in 8 bits.
 `benchmarks/onnx_int4_choice.py` measures every recipe; `CHOSEN` and `INT4_MEASUREMENTS`
 below are its result, and the export report carries both.
 """
@@ -412,33 +413,33 @@ def parse_recipe(text: str) -> Int4Recipe:
 MEASUREMENT_FIELDS = ("recipe", "ppl_fr", "ppl_en", "delta_fr_pct", "delta_en_pct",
                       "size_vs_fp16_pct", "tokens_per_s", "vs_onnx_int8")
 #: `benchmarks/onnx_int4_choice.py --save` (benchmarks/results/onnx_int4_choice.json) on the
-#: embedded SmolLM2-135M (its fp32 ONNX export; held-out data/test.jsonl answers), 1 thread,
-#: decode speed as the median A B B A ratio to onnx-int8 in the same process, on 2 AVX2 cores
-#: shared with other jobs (load average 10-16).
+#: embedded SmolLM2-135M (its fp32 builder graph; held-out data/test.jsonl answers), 1 thread,
+#: decode speed through `SharedKvStepBackend` as the median A B B A ratio to the builder's
+#: onnx-int8 in the same process, on 2 AVX2 cores shared with other jobs (load average ~4).
 INT4_MEASUREMENTS: tuple[tuple[Any, ...], ...] = (
-    ("rtn b32 asym acc4 emb=fp32", 51.92, 62.60, 54.9, 44.2, 75, 19.1, 1.43),
-    ("rtn b32 asym acc0 emb=fp32", 51.48, 62.18, 53.6, 43.3, 75, 13.4, 0.75),
-    ("k_quant b32 asym acc4 emb=fp32", 51.76, 65.82, 54.4, 51.7, 75, 23.2, 1.27),
-    ("hqq b32 asym acc4 emb=fp32", 36.91, 47.40, 10.1, 9.2, 80, 1.9, 0.10),
-    ("rtn b32 asym acc4 emb=shared", 52.18, 63.22, 55.7, 45.7, 33, 23.7, 1.20),
-    ("rtn b32 asym acc4 emb=shared int8=down_proj", 48.99, 57.56, 46.2, 32.6, 38, 22.5, 1.16),
-    ("offset b32 asym acc4 emb=fp32", 34.88, 46.56, 4.1, 7.3, 74, 23.6, 1.35),
-    ("offset b32 asym acc4 emb=shared", 35.49, 46.14, 5.9, 6.3, 32, 18.2, 1.20),
-    ("offset b64 asym acc4 emb=shared", 62.43, 69.08, 86.3, 59.2, 29, 21.4, 1.19),
+    ("rtn b32 asym acc4 emb=fp32", 51.77, 62.41, 54.5, 43.8, 75, 41.7, 1.55),
+    ("rtn b32 asym acc0 emb=fp32", 51.48, 62.18, 53.6, 43.3, 75, 17.6, 0.65),
+    ("k_quant b32 asym acc4 emb=fp32", 51.89, 65.66, 54.8, 51.3, 75, 38.9, 1.33),
+    ("hqq b32 asym acc4 emb=fp32", 36.91, 47.40, 10.1, 9.2, 81, 2.1, 0.07),
+    ("rtn b32 asym acc4 emb=shared", 52.32, 63.36, 56.1, 46.0, 33, 44.2, 1.26),
+    ("rtn b32 asym acc4 emb=shared int8=down_proj", 48.98, 57.74, 46.1, 33.0, 38, 34.7, 1.21),
+    ("offset b32 asym acc4 emb=fp32", 34.99, 46.31, 4.4, 6.7, 74, 36.8, 1.25),
+    ("offset b32 asym acc4 emb=shared", 35.60, 45.95, 6.2, 5.9, 32, 38.0, 1.28),
+    ("offset b64 asym acc4 emb=shared", 61.65, 68.61, 83.9, 58.1, 29, 38.9, 1.47),
 )
 INT4_REASON = (
-    "The only recipe within every target on SmolLM2-135M: +5.9 % fr / +6.3 % en held-out "
-    "perplexity at 32 % of the fp16 size, decoding 1.20x onnx-int8's speed on MLAS's integer "
-    "kernels (accuracy_level 4). The "
+    "The only recipe within every target on SmolLM2-135M: +6.2 % fr / +5.9 % en held-out "
+    "perplexity at 32 % of the fp16 size, decoding 1.28x onnx-int8's speed (both builder "
+    "graphs, in-place KV) on MLAS's integer kernels (accuracy_level 4). The "
     "embedded model comes from a Q4_1 GGUF: its layers lie on a 4-bit grid with a float offset "
     "per 32-block. ORT's integer-zero-point methods re-round that grid (RTN +55 %/+44 %, "
-    "k-quant +54 %/+52 %, fp32 compute no better: +54 %/+43 %; 8-bit down_proj still "
+    "k-quant +55 %/+51 %, fp32 compute no better: +54 %/+43 %; 8-bit down_proj still "
     "+46 %/+33 %); HQQ's float zero points keep it (+10.1 %/+9.2 %) but MatMulNBits then "
-    "dequantizes to fp32 on every call (0.10x onnx-int8's speed). `offset` stores each block "
+    "dequantizes to fp32 on every call (0.07x onnx-int8's speed). `offset` stores each block "
     "symmetric and its float offset in a small fp32 correction MatMul, which is exact for the "
     "Q4_1 layers; what remains is the 4-bit lm_head/embedding (higher precision in the GGUF). "
-    "Block 64 breaks the 32-block grid (+86 %/+59 %); sharing the tied embedding with the "
+    "Block 64 breaks the 32-block grid (+84 %/+58 %); sharing the tied embedding with the "
     "4-bit lm_head takes the file from 74 % to 32 % of fp16 for +1.8 % fr. GPTQ (ORT's, "
     "calibrated on our FR/EN texts) runs the whole graph once per MatMul input and was not "
-    "measured on the real model in this session; it is tested on the tiny model."
+    "measured on the real model; it is tested on the tiny model."
 )

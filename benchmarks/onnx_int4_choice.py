@@ -1,6 +1,7 @@
 """Pick the `onnx-int4` recipe: held-out perplexity (fr, en), size and decode speed of each.
 
-Not a test. Starting from the fp32 ONNX export of a merged model, it writes one `onnx-int4`
+Not a test. Starting from the fp32 GroupQueryAttention graph of a merged model (onnxruntime-genai's
+builder, `onnx_genai.export_genai_onnx`: the graph `onnx-int8` is built as), it writes one `onnx-int4`
 folder per recipe (`toolkit.export.onnx_int4.Int4Recipe`: algorithm, block size, symmetric,
 accuracy level, embedding, 8-bit MatMuls) and measures, for each:
 
@@ -8,8 +9,8 @@ accuracy level, embedding, 8-bit MatMuls) and measures, for each:
   export reports score it (`toolkit.evaluation.perplexity`), against the fp32 ONNX graph;
 - size of model.onnx + data against the merged model in fp16 (parameters x 2 bytes: the
   reports' `size_ratio`);
-- greedy decode tokens/s (batch 1, KV cache, 1 intra-op thread) against onnx-int8 timed in the
-  same process in A B B A order, so load from other processes on the cores falls on both.
+- greedy decode tokens/s (batch 1, the in-place KV backend `SharedKvStepBackend`, 1 intra-op
+  thread) against the builder's onnx-int8 timed in the same process in A B B A order, so load from other processes on the cores falls on both.
 
 `--sensitivity` first quantizes one MatMul family at a time (q/k/v/o/gate/up/down/lm_head)
 and reports its perplexity cost: the families worth keeping in 8 bits.
@@ -108,12 +109,15 @@ def decode_speed(folders: dict[str, Path], baseline: str, prompt: list[int], tok
     tokens/s is the best round (the least disturbed).
     """
     from toolkit.runtime.onnx_model import OnnxCausalLM
+    from toolkit.runtime.onnx_steps import step_backend
+    from toolkit.runtime.steps import greedy_generate
 
-    models = {name: OnnxCausalLM.from_dir(path, threads=1) for name, path in folders.items()}
+    models = {name: step_backend(OnnxCausalLM.from_dir(path, threads=1), len(prompt) + tokens)
+              for name, path in folders.items()}
 
     def rate(name: str) -> float:
         start = time.perf_counter()
-        models[name].generate_all([prompt], tokens)
+        greedy_generate(models[name], prompt, tokens, stop_at_eos=False)
         return tokens / (time.perf_counter() - start)
 
     for name in models:
@@ -136,8 +140,8 @@ def main() -> int:
     parser.add_argument("--model", type=Path, default=None,
                         help="merged HF folder (default: runs/demo/exports/merged, else the "
                              "embedded SmolLM2-135M)")
-    parser.add_argument("--onnx", type=Path, help="its fp32 ONNX export (default: export it)")
-    parser.add_argument("--int8", type=Path, help="its onnx-int8 export (default: quantize)")
+    parser.add_argument("--onnx", type=Path, help="its fp32 builder graph (default: build it)")
+    parser.add_argument("--int8", type=Path, help="its onnx-int8 export (default: build it)")
     parser.add_argument("--work", type=Path, help="keep the variants here (default: temp dir)")
     parser.add_argument("--only", nargs="*", help="recipes whose label contains one of these")
     parser.add_argument("--recipes", nargs="*", help="extra recipe labels to measure")
@@ -153,7 +157,7 @@ def main() -> int:
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-    from toolkit.export.onnx import export_onnx, quantize_onnx_int8
+    from toolkit.export.onnx_genai import export_genai_onnx
     from toolkit.export.onnx_int4 import CHOSEN, parse_recipe, quantize_onnx_int4
     from toolkit.export.quality import parameter_count
 
@@ -166,10 +170,10 @@ def main() -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="onnx-int4-choice-"))
     fp32 = args.onnx or work / "fp32"
     if not (fp32 / "model.onnx").is_file():
-        export_onnx(args.model, fp32)
+        export_genai_onnx(args.model, fp32, "fp32")
     int8 = args.int8 or work / "onnx-int8"
     if not (int8 / "model.onnx").is_file():
-        quantize_onnx_int8(fp32, int8)
+        export_genai_onnx(args.model, int8, "int8")
     fp16_bytes = parameter_count(args.model) * 2
     encoded = held_out(args.model)
     texts = calibration(args.model)

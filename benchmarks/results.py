@@ -201,7 +201,8 @@ def render_onnx_int4_choice(data: dict[str, Any]) -> str:
     ref = settings["reference_ppl"]
     lines.append("")
     lines.append(
-        f"Model `{settings['model']}` (fp32 ONNX ppl fr {ref['fr']:.2f}, en {ref['en']:.2f}); "
+        f"Model `{settings['model']}` (fp32 builder graph ppl fr {ref['fr']:.2f}, "
+        f"en {ref['en']:.2f}); "
         f"{settings['threads']} thread, {settings['new_tokens']} greedy tokens, speed ratio = "
         f"median over {settings['rounds']} A B B A rounds against onnx-int8 in the same process. "
         f"Targets: Δ fr and Δ en <= +{targets['delta_pct']:.0f} %, <= "

@@ -44,6 +44,22 @@ def tiny_onnx_export(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFact
 
 
 @pytest.fixture(scope="session")
+def tiny_gqa_fp32(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model's fp32 GroupQueryAttention graph (onnxruntime-genai's builder), made once
+    per session; read-only (copy it before adding files)."""
+    pytest.importorskip("onnxruntime")
+    from toolkit.errors import MissingExtraError
+    from toolkit.export.onnx_genai import export_genai_onnx
+
+    out = tmp_path_factory.mktemp("tiny-gqa") / "gqa"
+    try:
+        export_genai_onnx(tiny_model_dir, out, precision="fp32")
+    except MissingExtraError as exc:
+        pytest.skip(f"no onnxruntime-genai: {exc}")
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_onnx_dir(tiny_onnx_export: tuple[Path, dict],
                   tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of `tiny_onnx_export` with an export report, as `toolkit serve` finds it."""

@@ -257,6 +257,10 @@ def test_format_round_trips_with_a_complete_report(exported: Any, fmt: ExportFor
     assert len(tokens) == 5 and all(isinstance(t, int) for t in tokens)
     logits = loaded.logits_fn(np.asarray([list(prompt)], dtype=np.int64))
     assert logits.shape == (1, len(prompt), len(loaded.tokenizer))
+    if fmt in (ExportFormat.onnx_int8, ExportFormat.onnx_int4):  # builder graphs: in-place KV
+        from toolkit.runtime.onnx_model import OnnxCausalLM
+
+        assert OnnxCausalLM.from_dir(folder, threads=1).is_shared_kv
 
 
 def test_compare_measures_what_the_report_says(exported: Any,

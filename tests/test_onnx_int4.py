@@ -1,10 +1,12 @@
-"""The `onnx-int4` format on the tiny model: every recipe option writes a graph that the
-existing ONNX Runtime wrapper loads, scores close to fp32 and decodes with; the shared 4-bit
-embedding reads exactly the lm_head's quantized bytes; the error paths name their fix."""
+"""The `onnx-int4` format on the tiny model: every recipe option, applied to the builder's fp32
+GroupQueryAttention graph, writes a graph that the ONNX Runtime wrapper loads as an in-place
+KV graph, scores close to fp32 and decodes with through `SharedKvStepBackend`; the shared
+4-bit embedding reads exactly the lm_head's quantized bytes; the error paths name their fix."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,28 +24,26 @@ from toolkit.export.onnx_int4 import (
     quantize_onnx_int4,
 )
 
-
-def _onnx_venv_missing() -> bool:
-    from toolkit.export.onnx import resolve_onnx_python
-
-    try:
-        resolve_onnx_python()
-    except MissingExtraError:
-        return True
-    return False
-
-
-pytestmark = pytest.mark.skipif(_onnx_venv_missing(),
-                                reason="no ONNX exporter venv (.venv-onnx): bash scripts/setup.sh")
 IDS = np.random.default_rng(0).integers(1, 200, (2, 24))
 
 
 @pytest.fixture(scope="module")
-def fp32(tiny_onnx_export: tuple[Path, dict]) -> tuple[Path, np.ndarray]:
+def fp32(tiny_gqa_fp32: Path) -> tuple[Path, np.ndarray]:
     from toolkit.runtime.onnx_model import OnnxCausalLM
 
-    folder = tiny_onnx_export[0]
-    return folder, OnnxCausalLM.from_dir(folder, threads=1).logits(IDS)
+    return tiny_gqa_fp32, OnnxCausalLM.from_dir(tiny_gqa_fp32, threads=1).logits(IDS)
+
+
+def _greedy(folder: Path, prompt: list[int], tokens: int) -> list[int]:
+    """Greedy tokens through the backend serving uses (in-place KV for a builder graph)."""
+    from toolkit.runtime.onnx_model import OnnxCausalLM
+    from toolkit.runtime.onnx_shared_kv import SharedKvStepBackend
+    from toolkit.runtime.onnx_steps import step_backend
+    from toolkit.runtime.steps import greedy_generate
+
+    backend = step_backend(OnnxCausalLM.from_dir(folder, threads=1), 32)
+    assert isinstance(backend, SharedKvStepBackend)
+    return greedy_generate(backend, prompt, tokens, stop_at_eos=False)
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +83,8 @@ def test_recipe_loads_scores_close_to_fp32_and_decodes(fp32, texts, tmp_path: Pa
     got, ref = model.logits(IDS), fp32[1]
     assert np.abs(got - ref).max() < 0.3 * np.abs(ref).max()
     assert (got.argmax(-1) == ref.argmax(-1)).mean() > 0.8
-    assert [len(t) for t in model.generate_all([[5, 17, 42], [30, 12]], 4)] == [4, 4]
-    matmuls = 2 * 7 + 1  # 2 layers x q/k/v/o/gate/up/down + lm_head
+    assert len(_greedy(tmp_path / "int4", [5, 17, 42], 4)) == 4
+    matmuls = 2 * 5 + 1  # 2 layers x fused qkv/o/gate/up/down + lm_head
     eight = {"down_proj+lm_head": 3, "down_proj": 2, "lm_head": 1}.get(
         label.partition("int8=")[2], 0)
     assert (facts["quantized_matmuls_4bit"], facts["quantized_matmuls_8bit"]) == (
@@ -96,6 +96,8 @@ def test_recipe_loads_scores_close_to_fp32_and_decodes(fp32, texts, tmp_path: Pa
     assert facts["calibration_tokens"] > 0 if recipe.algorithm == "gptq" else True
     assert (tmp_path / "int4" / "tokenizer.json").is_file()
     assert json.loads((tmp_path / "int4" / "config.json").read_text())["dtype"] == "float32"
+    assert (tmp_path / "int4" / "genai_config.json").read_bytes() == \
+        (fp32[0] / "genai_config.json").read_bytes()
     levels = {a.i for n in graph.node if n.op_type == "MatMulNBits"
               for a in n.attribute if a.name == "accuracy_level"}
     assert levels == ({recipe.accuracy_level} if recipe.accuracy_level else set())
@@ -111,12 +113,14 @@ def test_shared_embedding_reads_the_lm_head_bits(fp32, tmp_path: Path) -> None:
                                   parse_recipe("rtn b32 asym acc4 emb=int4"))
     kept = quantize_onnx_int4(fp32[0], tmp_path / "fp32emb", None,
                               parse_recipe("rtn b32 asym acc4 emb=fp32"))
-    assert shared["embedding"].startswith("shared") and shared["lm_head_untied"]
+    assert shared["embedding"].startswith("shared") and shared["embedding_tied"]
     graph = _graph(tmp_path / "shared").graph
     inits = {i.name for i in graph.initializer}
     assert [n.op_type for n in graph.node].count("GatherBlockQuantized") == 1
     assert not [n for n in graph.node if n.op_type == "Gather" and n.input[0] in inits]
-    assert "model.embed_tokens.weight" not in inits  # the fp32 copy is gone
+    # the builder's tied fp32 matrix (lm_head weight, embedding through a Transpose) is gone
+    assert not inits & {"model.embed_tokens.weight", "lm_head.MatMul.weight"}
+    assert "Transpose" not in {n.op_type for n in graph.node if n.name.startswith("/model/embed")}
     sizes = {name: facts["files"]["model.onnx_data"]
              for name, facts in (("shared", shared), ("own", separate), ("fp32", kept))}
     assert sizes["shared"] < sizes["own"] < sizes["fp32"]
@@ -144,8 +148,14 @@ def test_labels_round_trip_and_bad_recipes_list_the_choices() -> None:
 
 
 def test_errors_name_the_fix(fp32, tmp_path: Path) -> None:
-    with pytest.raises(ModelSourceError, match="run the `onnx` export first"):
+    fix = r"build the fp32 GroupQueryAttention graph first \(.*export_genai_onnx"
+    with pytest.raises(ModelSourceError, match="no model.onnx; " + fix):
         quantize_onnx_int4(tmp_path, tmp_path / "out")
+    not_builder = tmp_path / "optimum-like"  # a graph without the builder's genai_config.json
+    not_builder.mkdir()
+    shutil.copy2(fp32[0] / "model.onnx", not_builder / "model.onnx")
+    with pytest.raises(ModelSourceError, match="no genai_config.json; " + fix):
+        quantize_onnx_int4(not_builder, tmp_path / "out")
     with pytest.raises(ConfigError, match="--calibration"):
         quantize_onnx_int4(fp32[0], tmp_path / "out", [], parse_recipe("gptq b32 asym"))
     assert not (tmp_path / "out").exists()

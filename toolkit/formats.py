@@ -122,8 +122,10 @@ REGISTRY: dict[ExportFormat, FormatSpec] = {
                    "for vLLM", ("compressed-tensors", "4-bit", "int4", "w4a16"),
                    vllm_quantization="compressed-tensors"),
         FormatSpec(ExportFormat.onnx_int4, "toolkit.export.onnx_formats:export_onnx_int4",
-                   ("onnx", "onnxruntime", "onnx_ir"), "onnx", "onnxruntime", 4, 10.0,
-                   "ONNX Runtime 4-bit MatMulNBits of the ONNX export, embedding included",
+                   ("onnx", "onnxruntime", "onnx_ir", "onnxruntime_genai"), "onnx",
+                   "onnxruntime", 4, 10.0,
+                   "ONNX Runtime 4-bit MatMulNBits on onnxruntime-genai's GroupQueryAttention "
+                   "graph, embedding included",
                    ("onnx", "4-bit", "int4"), engines=("onnxruntime",)),
     )
 }

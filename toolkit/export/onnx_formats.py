@@ -3,7 +3,7 @@
 `onnx` is optimum-onnx's graph (`onnx.py`: `.venv-onnx`, external data, the transformers 4.x
 config view); `onnx-int8` is onnxruntime-genai's builder graph (`onnx_genai.py`) with the
 int8 settings of `onnx.py`; `onnx-int4` applies the measured 4-bit recipe (`onnx_int4.py`)
-to the fp32 ONNX export (reused when the same command made it). This module adapts them to
+to the builder's fp32 graph. This module adapts them to
 the registry's `(ctx, work) -> VariantResult` signature and states the checks: `onnx` must
 match the merged PyTorch model's logits (a wrong rope_theta passes optimum's own check but
 not this one); `onnx-int8` and `onnx-int4` are judged by their perplexity delta.
@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -72,39 +71,33 @@ def export_onnx_int8(ctx: ExportContext, work: Path) -> VariantResult:
 
 
 def export_onnx_int4(ctx: ExportContext, work: Path) -> VariantResult:
-    """ONNX Runtime 4-bit MatMulNBits of the fp32 ONNX export (the measured recipe)."""
+    """The measured 4-bit recipe (`onnx_int4`) over the builder's fp32 graph.
+
+    Starting from onnxruntime-genai's fp32 GroupQueryAttention graph (built in a scratch
+    folder beside `work`, removed after) keeps `onnx-int8`'s graph and `genai_config.json`, so
+    the engine decodes it with the KV cache updated in place, as it does `onnx-int8`.
+    """
+    if ctx.merged_dir is None:
+        raise RuntimeError("onnx-int4 starts from the merged folder; export merged first")
     try:
         from toolkit.export import onnx_int4
+        from toolkit.export.onnx_genai import export_genai_onnx
     except ImportError as exc:
         raise ToolkitError(f"onnx-int4 is not available in this install ({exc})") from None
-    return _quantized(ctx, work, ExportFormat.onnx_int4, onnx_int4.quantize_onnx_int4, bits=4)
-
-
-def _quantized(ctx: ExportContext, work: Path, fmt: ExportFormat,
-               quantize: Callable[[Path, Path, list[str]], dict[str, Any]],
-               bits: int) -> VariantResult:
-    """Quantize the fp32 ONNX export into `work`: the one this command made, else a scratch one.
-
-    Args:
-        quantize: `(src_dir, out_dir, calibration_texts) -> facts`.
-    """
-    module = _onnx_module()
     texts, calibration = ctx.calibration()
-    source = ctx.produced.get(ExportFormat.onnx)
-    scratch: Path | None = None
+    scratch = Path(tempfile.mkdtemp(prefix=f".{ExportFormat.onnx_int4}-source{PARTIAL_MARK}"
+                                           f"{os.getpid()}-", dir=work.parent))
     try:
-        if source is None:
-            scratch = Path(tempfile.mkdtemp(
-                prefix=f".{fmt}-source{PARTIAL_MARK}{os.getpid()}-", dir=work.parent))
-            source = scratch / "onnx"
-            ctx.console.print(f"{fmt}: exporting the fp32 ONNX graph first")
-            module.export_onnx(ctx.merged_dir, source)
-        ctx.console.print(f"{fmt}: quantizing ({len(texts)} calibration examples "
+        ctx.console.print("onnx-int4: building the fp32 GroupQueryAttention graph "
+                          "(onnxruntime-genai model builder)")
+        builder = export_genai_onnx(ctx.merged_dir, scratch / "fp32", "fp32")
+        ctx.console.print(f"onnx-int4: quantizing ({len(texts)} calibration examples "
                           f"{calibration['by_language']})")
-        facts = quantize(source, work, texts)
+        facts = onnx_int4.quantize_onnx_int4(scratch / "fp32", work, texts)
     finally:
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
     warnings = [calibration["warning"]] if calibration.get("warning") else []
-    return VariantResult(quantization={"method": "onnxruntime", "bits": bits, **(facts or {})},
-                         calibration=calibration, warnings=warnings)
+    return VariantResult(
+        quantization={"method": "onnxruntime", "bits": 4, **facts,
+                      "exporter": builder["exporter"], "graph": builder["graph"]},
+        calibration=calibration, warnings=warnings)

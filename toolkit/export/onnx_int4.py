@@ -1,18 +1,22 @@
-"""The `onnx-int4` format: ONNX Runtime's 4-bit MatMulNBits over the fp32 optimum export.
+"""The `onnx-int4` format: ONNX Runtime's 4-bit MatMulNBits over the builder's fp32 graph.
 
-Same graph contract as `onnx` and `onnx-int8` (input_ids, attention_mask, position_ids,
-past_key_values.* -> logits, present.*), so `OnnxCausalLM` and the onnxruntime engine load it
-unchanged. What varies is how the weights become 4 bits, described by an `Int4Recipe`:
-the algorithm (round-to-nearest, k-quant, HQQ, GPTQ on our FR/EN calibration texts), the
-block size, symmetric or not, the compute precision (`accuracy_level` 4 = int8 activations,
-MLAS's fast CPU path), what happens to the token embedding, and which MatMuls stay in 8 bits.
+It starts from onnxruntime-genai's fp32 GroupQueryAttention graph (`onnx_genai`), the graph
+`onnx-int8` is built as: the same inputs and outputs and the same `genai_config.json`, so the
+onnxruntime engine decodes it with the KV cache updated in place (`onnx_shared_kv`). Only
+the MatMul weights and the token embedding change. What varies is how the weights become
+4 bits, described by an `Int4Recipe`: the algorithm (round-to-nearest, k-quant, HQQ, GPTQ on
+our FR/EN calibration texts), the block size, symmetric or not, the compute precision
+(`accuracy_level` 4 = int8 activations, MLAS's fast CPU path), what happens to the token
+embedding, and which MatMuls stay in 8 bits.
 `benchmarks/onnx_int4_choice.py` measures every recipe; `CHOSEN` and `INT4_MEASUREMENTS`
 below are its result, and the export report carries both.
 """
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -20,8 +24,8 @@ from typing import Any, Literal
 import numpy as np
 
 from toolkit.errors import ConfigError, ModelSourceError
-from toolkit.export.onnx import ONNX_DATA_FILE, _staged, copy_model_files, untie_lm_head
-from toolkit.runtime.onnx_model import ONNX_FILE
+from toolkit.export.onnx import ONNX_DATA_FILE, _staged, copy_model_files
+from toolkit.runtime.onnx_model import GENAI_CONFIG, ONNX_FILE
 
 Algorithm = Literal["rtn", "k_quant", "hqq", "gptq", "offset"]
 Embedding = Literal["fp32", "int4", "shared"]
@@ -33,6 +37,8 @@ BLOCK_SIZES: tuple[int, ...] = (32, 64, 128)
 #: window, so its cost is linear in these tokens; 4k tokens keep it to minutes on 2 cores.
 GPTQ_TOKENS = 4096
 GPTQ_WINDOW = 512
+#: the untied embedding's initializer (the builder names only the tied lm_head weight)
+EMBEDDING_WEIGHT = "model.embed_tokens.weight"
 
 
 @dataclass(frozen=True)
@@ -93,10 +99,10 @@ CHOSEN = Int4Recipe(algorithm="offset", block_size=32, embedding="shared")
 
 def quantize_onnx_int4(src_dir: Path, out_dir: Path, calibration_texts: list[str] | None = None,
                        recipe: Int4Recipe = CHOSEN) -> dict[str, Any]:
-    """Write an `onnx-int4` folder from an fp32 `export_onnx` folder.
+    """Write an `onnx-int4` folder from the builder's fp32 graph.
 
     Args:
-        src_dir: an fp32 export written by `export_onnx`.
+        src_dir: an fp32 graph written by `onnx_genai.export_genai_onnx(merged, src_dir, "fp32")`.
         out_dir: the int4 folder, replaced if it exists; gets the same tokenizer/config files.
         calibration_texts: rendered FR/EN conversations; only GPTQ uses them (it fits the
             rounding to the activations they produce).
@@ -106,7 +112,8 @@ def quantize_onnx_int4(src_dir: Path, out_dir: Path, calibration_texts: list[str
         The recipe, node counts, why it was chosen, the measured alternatives and the files.
 
     Raises:
-        ModelSourceError: `src_dir` has no model.onnx.
+        ModelSourceError: `src_dir` has no model.onnx or no genai_config.json (not a builder
+            graph: the int4 folder would not be served by the in-place KV path).
         ConfigError: GPTQ without calibration texts.
         MissingExtraError: onnx, onnxruntime or onnx-ir is not installed.
     """
@@ -117,13 +124,16 @@ def quantize_onnx_int4(src_dir: Path, out_dir: Path, calibration_texts: list[str
     import onnx
 
     src_dir, out_dir = Path(src_dir), Path(out_dir)
-    if not (src_dir / ONNX_FILE).is_file():
-        raise ModelSourceError(f"{src_dir}: no {ONNX_FILE}; run the `onnx` export first")
+    for name in (ONNX_FILE, GENAI_CONFIG):
+        if not (src_dir / name).is_file():
+            raise ModelSourceError(
+                f"{src_dir}: no {name}; build the fp32 GroupQueryAttention graph first "
+                "(toolkit.export.onnx_genai.export_genai_onnx(merged, out, \"fp32\"))")
     if recipe.algorithm == "gptq" and not calibration_texts:
         raise ConfigError("onnx-int4 with GPTQ needs calibration texts: pass --calibration "
                           "data/train.jsonl")
     model = onnx.load(str(src_dir / ONNX_FILE))
-    tied = untie_lm_head(model)
+    tied = _untie_embedding(model)
     lm_head = _lm_head_weight(model)
     if recipe.embedding == "int4":
         model = _quantize(model, Int4Recipe(block_size=recipe.block_size,
@@ -161,6 +171,7 @@ def quantize_onnx_int4(src_dir: Path, out_dir: Path, calibration_texts: list[str
         onnx.save_model(model, str(stage / ONNX_FILE), save_as_external_data=True,
                         all_tensors_to_one_file=True, location=ONNX_DATA_FILE, size_threshold=1024)
         copy_model_files(src_dir, stage)
+        shutil.copy2(src_dir / GENAI_CONFIG, stage / GENAI_CONFIG)
     counts = _node_counts(model)
     return {
         "method": "MatMulNBits int4 weight-only (onnxruntime MatMulNBitsQuantizer)",
@@ -172,7 +183,7 @@ def quantize_onnx_int4(src_dir: Path, out_dir: Path, calibration_texts: list[str
         "embedding": ("shared with the quantized lm_head (GatherBlockQuantized)" if shared
                       else {"fp32": "fp32 Gather", "int4": "own 4-bit GatherBlockQuantized",
                             "shared": "fp32 Gather (lm_head not tied)"}[recipe.embedding]),
-        "lm_head_untied": tied,
+        "embedding_tied": tied,
         "calibration_tokens": sum(int(f["input_ids"].size) for f in feeds) if feeds else 0,
         "reason": INT4_REASON if recipe == CHOSEN else "recipe given by the caller",
         "measured": [dict(zip(MEASUREMENT_FIELDS, row)) for row in INT4_MEASUREMENTS],
@@ -245,21 +256,15 @@ def _calibration_feeds(model: Any, src_dir: Path,
         if len(ids) >= GPTQ_TOKENS:
             break
     ids = ids[:GPTQ_TOKENS]
-    past = {}
-    for graph_input in model.graph.input:
-        if graph_input.name.startswith("past_key_values."):
-            dims = graph_input.type.tensor_type.shape.dim
-            past[graph_input.name] = np.zeros((1, dims[1].dim_value, 0, dims[3].dim_value),
-                                              dtype=np.float32)
-    names = {graph_input.name for graph_input in model.graph.input}
-    feeds = []
-    for start in range(0, len(ids), GPTQ_WINDOW):
-        window = np.asarray([ids[start:start + GPTQ_WINDOW]], dtype=np.int64)
-        feed = {"input_ids": window, "attention_mask": np.ones_like(window), **past}
-        if "position_ids" in names:
-            feed["position_ids"] = np.arange(window.shape[1], dtype=np.int64)[None]
-        feeds.append(feed)
-    return feeds
+    # the graph leaves the head size symbolic; the builder's config states it
+    decoder = json.loads((src_dir / GENAI_CONFIG).read_text(encoding="utf-8"))["model"]["decoder"]
+    past = {graph_input.name: np.zeros((1, decoder["num_key_value_heads"], 0,
+                                        decoder["head_size"]), dtype=np.float32)
+            for graph_input in model.graph.input
+            if graph_input.name.startswith("past_key_values.")}
+    return [{"input_ids": window, "attention_mask": np.ones_like(window), **past}
+            for window in (np.asarray([ids[start:start + GPTQ_WINDOW]], dtype=np.int64)
+                           for start in range(0, len(ids), GPTQ_WINDOW))]
 
 
 def _matching_matmuls(model: Any, patterns: tuple[str, ...]) -> list[str]:
@@ -267,8 +272,37 @@ def _matching_matmuls(model: Any, patterns: tuple[str, ...]) -> list[str]:
             if n.op_type == "MatMul" and any(p in n.name for p in patterns)]
 
 
+def _untie_embedding(model: Any) -> bool:
+    """Give a tied embedding its own fp32 weight, so every recipe starts from separate matrices.
+
+    The builder stores a tied matrix once, as the lm_head's [hidden, vocab] MatMul weight, and
+    feeds the embedding Gather `Transpose(that weight)`. The lm_head is then quantized like any
+    MatMul, and the embedding is kept (fp32), quantized on its own, or replaced by a
+    GatherBlockQuantized over the lm_head's 4-bit bytes (`embedding` "shared").
+
+    Returns:
+        Whether a tied embedding was found and untied.
+    """
+    from onnx import numpy_helper
+
+    initializers = {init.name: init for init in model.graph.initializer}
+    producers = {out: node for node in model.graph.node for out in node.output}
+    gather = next((n for n in model.graph.node
+                   if n.op_type == "Gather" and n.input[1] == "input_ids"), None)
+    transpose = producers.get(gather.input[0]) if gather is not None else None
+    if (transpose is None or transpose.op_type != "Transpose"
+            or transpose.input[0] not in initializers):
+        return False
+    weight = numpy_helper.to_array(initializers[transpose.input[0]])
+    model.graph.initializer.append(numpy_helper.from_array(weight.T.copy(), EMBEDDING_WEIGHT))
+    gather.input[0] = EMBEDDING_WEIGHT
+    if not any(transpose.output[0] in n.input for n in model.graph.node):
+        model.graph.node.remove(transpose)
+    return True
+
+
 def _lm_head_weight(model: Any) -> str | None:
-    """The weight name of the MatMul producing `logits` (after `untie_lm_head`)."""
+    """The weight name of the MatMul producing `logits`."""
     producers = {out: node for node in model.graph.node for out in node.output}
     node = producers.get("logits")
     return node.input[1] if node is not None and node.op_type == "MatMul" else None
@@ -379,33 +413,33 @@ def parse_recipe(text: str) -> Int4Recipe:
 MEASUREMENT_FIELDS = ("recipe", "ppl_fr", "ppl_en", "delta_fr_pct", "delta_en_pct",
                       "size_vs_fp16_pct", "tokens_per_s", "vs_onnx_int8")
 #: `benchmarks/onnx_int4_choice.py --save` (benchmarks/results/onnx_int4_choice.json) on the
-#: embedded SmolLM2-135M (its fp32 ONNX export; held-out data/test.jsonl answers), 1 thread,
-#: decode speed as the median A B B A ratio to onnx-int8 in the same process, on 2 AVX2 cores
-#: shared with other jobs (load average 10-16).
+#: embedded SmolLM2-135M (its fp32 builder graph; held-out data/test.jsonl answers), 1 thread,
+#: decode speed through `SharedKvStepBackend` as the median A B B A ratio to the builder's
+#: onnx-int8 in the same process, on 2 AVX2 cores shared with other jobs (load average ~4).
 INT4_MEASUREMENTS: tuple[tuple[Any, ...], ...] = (
-    ("rtn b32 asym acc4 emb=fp32", 51.92, 62.60, 54.9, 44.2, 75, 19.1, 1.43),
-    ("rtn b32 asym acc0 emb=fp32", 51.48, 62.18, 53.6, 43.3, 75, 13.4, 0.75),
-    ("k_quant b32 asym acc4 emb=fp32", 51.76, 65.82, 54.4, 51.7, 75, 23.2, 1.27),
-    ("hqq b32 asym acc4 emb=fp32", 36.91, 47.40, 10.1, 9.2, 80, 1.9, 0.10),
-    ("rtn b32 asym acc4 emb=shared", 52.18, 63.22, 55.7, 45.7, 33, 23.7, 1.20),
-    ("rtn b32 asym acc4 emb=shared int8=down_proj", 48.99, 57.56, 46.2, 32.6, 38, 22.5, 1.16),
-    ("offset b32 asym acc4 emb=fp32", 34.88, 46.56, 4.1, 7.3, 74, 23.6, 1.35),
-    ("offset b32 asym acc4 emb=shared", 35.49, 46.14, 5.9, 6.3, 32, 18.2, 1.20),
-    ("offset b64 asym acc4 emb=shared", 62.43, 69.08, 86.3, 59.2, 29, 21.4, 1.19),
+    ("rtn b32 asym acc4 emb=fp32", 51.77, 62.41, 54.5, 43.8, 75, 41.7, 1.55),
+    ("rtn b32 asym acc0 emb=fp32", 51.48, 62.18, 53.6, 43.3, 75, 17.6, 0.65),
+    ("k_quant b32 asym acc4 emb=fp32", 51.89, 65.66, 54.8, 51.3, 75, 38.9, 1.33),
+    ("hqq b32 asym acc4 emb=fp32", 36.91, 47.40, 10.1, 9.2, 81, 2.1, 0.07),
+    ("rtn b32 asym acc4 emb=shared", 52.32, 63.36, 56.1, 46.0, 33, 44.2, 1.26),
+    ("rtn b32 asym acc4 emb=shared int8=down_proj", 48.98, 57.74, 46.1, 33.0, 38, 34.7, 1.21),
+    ("offset b32 asym acc4 emb=fp32", 34.99, 46.31, 4.4, 6.7, 74, 36.8, 1.25),
+    ("offset b32 asym acc4 emb=shared", 35.60, 45.95, 6.2, 5.9, 32, 38.0, 1.28),
+    ("offset b64 asym acc4 emb=shared", 61.65, 68.61, 83.9, 58.1, 29, 38.9, 1.47),
 )
 INT4_REASON = (
-    "The only recipe within every target on SmolLM2-135M: +5.9 % fr / +6.3 % en held-out "
-    "perplexity at 32 % of the fp16 size, decoding 1.20x onnx-int8's speed on MLAS's integer "
-    "kernels (accuracy_level 4). The "
+    "The only recipe within every target on SmolLM2-135M: +6.2 % fr / +5.9 % en held-out "
+    "perplexity at 32 % of the fp16 size, decoding 1.28x onnx-int8's speed (both builder "
+    "graphs, in-place KV) on MLAS's integer kernels (accuracy_level 4). The "
     "embedded model comes from a Q4_1 GGUF: its layers lie on a 4-bit grid with a float offset "
     "per 32-block. ORT's integer-zero-point methods re-round that grid (RTN +55 %/+44 %, "
-    "k-quant +54 %/+52 %, fp32 compute no better: +54 %/+43 %; 8-bit down_proj still "
+    "k-quant +55 %/+51 %, fp32 compute no better: +54 %/+43 %; 8-bit down_proj still "
     "+46 %/+33 %); HQQ's float zero points keep it (+10.1 %/+9.2 %) but MatMulNBits then "
-    "dequantizes to fp32 on every call (0.10x onnx-int8's speed). `offset` stores each block "
+    "dequantizes to fp32 on every call (0.07x onnx-int8's speed). `offset` stores each block "
     "symmetric and its float offset in a small fp32 correction MatMul, which is exact for the "
     "Q4_1 layers; what remains is the 4-bit lm_head/embedding (higher precision in the GGUF). "
-    "Block 64 breaks the 32-block grid (+86 %/+59 %); sharing the tied embedding with the "
+    "Block 64 breaks the 32-block grid (+84 %/+58 %); sharing the tied embedding with the "
     "4-bit lm_head takes the file from 74 % to 32 % of fp16 for +1.8 % fr. GPTQ (ORT's, "
     "calibrated on our FR/EN texts) runs the whole graph once per MatMul input and was not "
-    "measured on the real model in this session; it is tested on the tiny model."
+    "measured on the real model; it is tested on the tiny model."
 )

@@ -2,7 +2,7 @@
 
 MatMulNBits dequantizes a block as `scale * (q - zero_point)` with an integer zero point;
 only integer zero points reach MLAS's int8 kernels (float ones, as HQQ writes, fall back to
-dequantize-then-SGEMM: 10x slower here). A block's best grid often starts between two
+dequantize-then-SGEMM: ~14x slower here). A block's best grid often starts between two
 integer steps, and rounding the zero point costs up to half a step on every weight of the
 block. GGUF's Q4_1 stores exactly that float offset (`d * q + m`), so a model that went
 through Q4_1 (the embedded SmolLM2 did) loses quality under every integer-zero-point method.

@@ -118,7 +118,6 @@ OTHER_CHECKS: dict[ExportFormat, Callable[[], str | None]] = {
     ExportFormat.onnx: _onnx_exporter("export_onnx", "resolve_onnx_python"),
     ExportFormat.ct_w8a8: _llmcompressor_venv,
     ExportFormat.ct_w4a16: _llmcompressor_venv,
-    ExportFormat.onnx_int4: _onnx_exporter("export_onnx", "resolve_onnx_python"),
 }
 
 

@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-_KV_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+from toolkit.runtime.onnx_steps import OrtKvLayout
+
 #: rows and positions the first arena of a batch holds before it grows (doubling)
 MIN_ROWS = 4
 MIN_LENGTH = 256
@@ -87,7 +88,7 @@ class SharedKvState:
         return len(self.slots)
 
 
-class SharedKvStepBackend:
+class SharedKvStepBackend(OrtKvLayout):
     """`StepBackend` over a builder graph (`GroupQueryAttention`, shared past/present buffers).
 
     Args:
@@ -98,13 +99,7 @@ class SharedKvStepBackend:
     can_merge = True
 
     def __init__(self, lm: Any, capacity: int) -> None:
-        self.session = lm.session
-        inputs = {i.name: i for i in self.session.get_inputs()}
-        self.past_names = [f"past_key_values.{i}.{kind}" for i in range(lm.num_layers)
-                           for kind in ("key", "value")]
-        self.present_names = [n.replace("past_key_values", "present") for n in self.past_names]
-        self.kv_heads, self.head_dim = lm.num_kv_heads, lm.head_dim
-        self.kv_dtype = _KV_TYPES.get(inputs[self.past_names[0]].type, np.float32)
+        super().__init__(lm)
         self.vocab = lm.vocab_size
         self.capacity = int(capacity)
 

@@ -28,10 +28,12 @@ class OrtState:
         self.next_pos = next_pos
 
 
-class OrtStepBackend:
-    """`StepBackend` over an `OnnxCausalLM` session."""
+class OrtKvLayout:
+    """A session's KV cache tensors: their names, heads, head size and dtype, read from the graph.
 
-    can_merge = True
+    Both ONNX step backends (this module's and `onnx_shared_kv`'s) feed the same
+    `past_key_values.{i}.key/value` inputs and read the same `present.*` outputs.
+    """
 
     def __init__(self, lm: Any) -> None:
         self.session = lm.session
@@ -42,6 +44,12 @@ class OrtStepBackend:
         self.kv_heads, self.head_dim = lm.num_kv_heads, lm.head_dim
         self.kv_dtype = _KV_TYPES.get(inputs[self.past_names[0]].type, np.float32)
         self.has_positions = "position_ids" in inputs
+
+
+class OrtStepBackend(OrtKvLayout):
+    """`StepBackend` over an `OnnxCausalLM` session."""
+
+    can_merge = True
 
     def _run(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray,
              past: list[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray]:

@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import concurrent.futures
 import shutil
-import time
 
-import httpx
 import numpy as np
 import pytest
 
 from tests.artifact_builders import export_report
 from tests.serve_helpers import live_gateway
-from tests.test_serve_engines import PROMPTS, chat, check_batched_equals_solo
+from tests.test_serve_engines import (
+    PROMPTS,
+    chat,
+    check_batched_equals_solo,
+    check_disconnect_leaves_the_batch,
+)
 from toolkit.artifacts import write_export
 
 
@@ -150,12 +153,4 @@ def test_gateway_serves_it_like_the_old_path(tiny_gqa_dir, tiny_onnx_dir):
             now = list(pool.map(lambda a: chat(live.base_url, a[0], max_tokens=a[1],
                                                temperature=0), zip(PROMPTS, lengths)))
         assert [a["choices"][0]["message"] for a in now] == before
-        request = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 900,
-                   "temperature": 0, "stream": True}
-        with (httpx.Client(timeout=30) as client,
-              client.stream("POST", f"{live.base_url}/v1/chat/completions", json=request) as resp):
-            next(resp.iter_lines())
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and (scheduler._active or scheduler._pending):
-            time.sleep(0.02)
-        assert not scheduler._active and not scheduler._pending
+        check_disconnect_leaves_the_batch(live.base_url, scheduler)

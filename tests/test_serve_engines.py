@@ -7,6 +7,7 @@ import concurrent.futures
 import contextlib
 import json
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -230,15 +231,19 @@ def test_context_limit(tiny_gateway):
 
 
 def test_stream_disconnect_cancels_decoding(tiny_gateway):
-    url = tiny_gateway.base_url
-    scheduler = tiny_gateway.app.state.gateway.engine.scheduler
+    check_disconnect_leaves_the_batch(tiny_gateway.base_url,
+                                      tiny_gateway.app.state.gateway.engine.scheduler)
+
+
+def check_disconnect_leaves_the_batch(url: str, scheduler: Any) -> None:
+    """A client that reads one chunk of a long stream and leaves: its row leaves the batch."""
+    import time
+
     request = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 900,
                "temperature": 0, "stream": True}
     with (httpx.Client(timeout=30) as client,
           client.stream("POST", f"{url}/v1/chat/completions", json=request) as resp):
         next(resp.iter_lines())
-    import time
-
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and (scheduler._active or scheduler._pending):
         time.sleep(0.02)

@@ -32,6 +32,7 @@ from serve_throughput import (  # the benchmarks folder is not a package
     Sample,
     free_port,
     one_request,
+    run_client,
     start,
     stop,
     wait_ready,
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; {args.export}; "
           f"{args.threads} engine threads; clients {args.clients}", flush=True)
-    rows = asyncio.run(run(args))
+    rows = run_client(run(args))
     settings = {"export": str(args.export), "threads": args.threads, "max_tokens": args.max_tokens,
                 "rounds": args.rounds, "clients": args.clients}
     print()

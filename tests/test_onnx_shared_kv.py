@@ -76,6 +76,45 @@ def test_logits_match_torch(gqa_lm, tiny_model_dir, tokenizer):
                                expected[0, -1], atol=1e-4)
 
 
+def test_lm_head_runs_only_at_the_positions_asked(gqa_lm, tokenizer):
+    """Serving asks for one position per row; the answer equals those rows of the full logits."""
+    from toolkit.runtime.onnx_model import LOGIT_POSITIONS
+
+    assert gqa_lm.has_logit_positions
+    ids = np.array([tokenizer(PROMPTS[3])["input_ids"]] * 2)
+    full = gqa_lm.logits(ids)
+    feed = gqa_lm._feed(ids, np.ones_like(ids), None, gqa_lm._empty_past(2))
+    feed[LOGIT_POSITIONS] = np.array([[3], [ids.shape[1] - 1]])
+    (picked,) = gqa_lm.session.run(["logits"], feed)
+    assert picked.shape == (2, 1, gqa_lm.vocab_size)
+    np.testing.assert_allclose(picked[:, 0], full[[0, 1], [3, ids.shape[1] - 1]], atol=1e-5)
+
+
+def test_a_graph_exported_without_logit_positions_still_serves(gqa_lm, tiny_gqa_dir, tmp_path,
+                                                                tokenizer):
+    """Exports made before the lm_head gather keep working, with the same tokens."""
+    import onnx
+
+    from toolkit.runtime.onnx_model import LOGIT_POSITIONS, OnnxCausalLM
+    from toolkit.runtime.steps import greedy_generate
+
+    legacy = tmp_path / "legacy"
+    shutil.copytree(tiny_gqa_dir, legacy)
+    model = onnx.load(str(legacy / "model.onnx"), load_external_data=False)
+    gather = next(n for n in model.graph.node if n.op_type == "GatherElements")
+    head = next(n for n in model.graph.node if "logits" in n.output)
+    head.input[0] = gather.input[0]
+    for node in [n for n in model.graph.node if n.name.startswith("/logits_positions/")]:
+        model.graph.node.remove(node)
+    model.graph.input.remove(next(i for i in model.graph.input if i.name == LOGIT_POSITIONS))
+    onnx.save(model, str(legacy / "model.onnx"))
+    old = OnnxCausalLM.from_dir(legacy, threads=1)
+    assert not old.has_logit_positions
+    ids = tokenizer(PROMPTS[1])["input_ids"]
+    assert greedy_generate(_backend(old), ids, 12, stop_at_eos=False) == \
+        greedy_generate(_backend(gqa_lm), ids, 12, stop_at_eos=False)
+
+
 def test_batched_rows_join_and_leave_like_solo(gqa_lm, tokenizer):
     check_batched_equals_solo(tokenizer, _backend(gqa_lm), atol=1e-4)
 

@@ -264,3 +264,35 @@ def test_client_disconnect_mid_stream_frees_the_slot(tmp_path):
         labels = {"model": "fake-model", "engine": "fake"}
         assert sample(url, "toolkit_requests_running", **labels) == 0
         assert sample(url, "toolkit_requests_total", endpoint="chat", status="499", **labels) == 1
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_pre_encoded_text_events_equal_the_dict_encoding(chat):
+    """The per-stream encoder must emit exactly the event json.dumps builds from the dict,
+    whatever the text (quotes, escapes, line separators, the encoder's own placeholder) and
+    even with that placeholder in the model name."""
+    from toolkit.serve.protocol import TextChunks, chat_chunk, completion_chunk, sse
+
+    model = 'odd "model" \ufdd0 name'
+    encoder = TextChunks("chatcmpl-7", 1700000000, model, chat)
+    for text in ["a", ' "quoted"\n', "\\", "é\u2028\u2029", "\ufdd0", "\x00\t", "😀"]:
+        expected = sse(chat_chunk("chatcmpl-7", 1700000000, model, {"content": text}) if chat
+                       else completion_chunk("chatcmpl-7", 1700000000, model, text))
+        assert encoder.event(text) == expected
+        assert json.loads(encoder.event(text)[6:])["choices"][0][
+            "delta" if chat else "text"] == ({"content": text} if chat else text)
+
+
+def test_gateway_runs_on_httptools_and_uvloop(gateway):
+    """The locked venv carries the C HTTP parser and libuv loop, and uvicorn picks them: on h11 +
+    asyncio the gateway's per-token cost was about twice as high (benchmarks/gateway_overhead.py)."""
+    import uvloop
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    config = gateway.server.config
+    assert config.http_protocol_class is HttpToolsProtocol
+    loop = config.get_loop_factory()()
+    try:
+        assert isinstance(loop, uvloop.Loop)
+    finally:
+        loop.close()

@@ -31,7 +31,7 @@ from toolkit.export.onnx import (
     copy_model_files,
 )
 from toolkit.processes import run_child
-from toolkit.runtime.onnx_model import GENAI_CONFIG, ONNX_FILE
+from toolkit.runtime.onnx_model import GENAI_CONFIG, LOGIT_POSITIONS, ONNX_FILE
 
 log = logging.getLogger(__name__)
 
@@ -90,11 +90,59 @@ def export_genai_onnx(model_dir: Path, out_dir: Path,
             raise MissingExtraError(f"the builder wrote no {GENAI_CONFIG}: onnxruntime-genai too "
                                     "old; install the locked version (extra onnx)")
         shutil.rmtree(stage / ".cache", ignore_errors=True)  # the builder's scratch folder
+        gather_logit_positions(stage / ONNX_FILE)
         copy_model_files(model_dir, stage)
     return {
         "exporter": "onnxruntime-genai model builder",
         "precision": precision,
         "builder_options": options,
-        "graph": "GroupQueryAttention (rotary fused), past_present_share_buffer",
+        "graph": "GroupQueryAttention (rotary fused), past_present_share_buffer, "
+                 f"logits only at `{LOGIT_POSITIONS}`",
         "files": {p.name: p.stat().st_size for p in sorted(out_dir.iterdir())},
     }
+
+
+def gather_logit_positions(path: Path) -> None:
+    """Make the graph at `path` compute logits only at the positions its caller asks for.
+
+    The builder's lm_head runs on every position, but serving samples from one per row: in a
+    prefill of 8 prompts of 48 tokens the other 376 rows cost a fifth of the prefill's
+    multiply-adds (576 x 49,152 each, on SmolLM2) and a 75 MB float array, which showed as
+    time to first token (`benchmarks/serve_throughput.py`). A new input `LOGIT_POSITIONS`
+    (batch, k) picks the hidden states the lm_head sees (`GatherElements` on the sequence
+    axis), so `logits` is (batch, k, vocab): one position per row when serving (a right-padded
+    prompt's last token; 0 in a decode step), all of them when scoring (`OnnxCausalLM`).
+    The graph is edited in place; its weights (external data) are not touched.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(path), load_external_data=False)
+    graph = model.graph
+    if any(graph_input.name == LOGIT_POSITIONS for graph_input in graph.input):
+        return
+    head_at, head = next((i, n) for i, n in enumerate(graph.node) if "logits" in n.output)
+    hidden, name = head.input[0], "/logits_positions"
+    nodes = [
+        helper.make_node("Constant", [], [f"{name}/axes"], name=f"{name}/axes",
+                         value=helper.make_tensor("axes", TensorProto.INT64, [1], [2])),
+        helper.make_node("Unsqueeze", [LOGIT_POSITIONS, f"{name}/axes"], [f"{name}/unsqueezed"],
+                         name=f"{name}/Unsqueeze"),
+        helper.make_node("Shape", [LOGIT_POSITIONS], [f"{name}/rows"], name=f"{name}/Shape"),
+        helper.make_node("Shape", [hidden], [f"{name}/width"], name=f"{name}/HiddenSize",
+                         start=2),
+        helper.make_node("Concat", [f"{name}/rows", f"{name}/width"], [f"{name}/shape"],
+                         name=f"{name}/Concat", axis=0),
+        helper.make_node("Expand", [f"{name}/unsqueezed", f"{name}/shape"], [f"{name}/index"],
+                         name=f"{name}/Expand"),
+        helper.make_node("GatherElements", [hidden, f"{name}/index"], [f"{name}/hidden"],
+                         name=f"{name}/GatherElements", axis=1),
+    ]
+    head.input[0] = f"{name}/hidden"
+    for offset, node in enumerate(nodes):
+        graph.node.insert(head_at + offset, node)
+    graph.input.append(helper.make_tensor_value_info(
+        LOGIT_POSITIONS, TensorProto.INT64, ["batch_size", "logit_positions"]))
+    logits = next(output for output in graph.output if output.name == "logits")
+    logits.type.tensor_type.shape.dim[1].dim_param = "logit_positions"
+    onnx.save(model, str(path))

@@ -25,7 +25,7 @@ import numpy as np
 
 from toolkit.errors import ConfigError, ModelSourceError
 from toolkit.export.onnx import ONNX_DATA_FILE, _staged, copy_model_files
-from toolkit.runtime.onnx_model import GENAI_CONFIG, ONNX_FILE
+from toolkit.runtime.onnx_model import GENAI_CONFIG, LOGIT_POSITIONS, ONNX_FILE
 
 Algorithm = Literal["rtn", "k_quant", "hqq", "gptq", "offset"]
 Embedding = Literal["fp32", "int4", "shared"]
@@ -262,7 +262,9 @@ def _calibration_feeds(model: Any, src_dir: Path,
                                         decoder["head_size"]), dtype=np.float32)
             for graph_input in model.graph.input
             if graph_input.name.startswith("past_key_values.")}
-    return [{"input_ids": window, "attention_mask": np.ones_like(window), **past}
+    positions = any(graph_input.name == LOGIT_POSITIONS for graph_input in model.graph.input)
+    return [{"input_ids": window, "attention_mask": np.ones_like(window), **past,
+             **({LOGIT_POSITIONS: np.arange(window.shape[1])[None, :]} if positions else {})}
             for window in (np.asarray([ids[start:start + GPTQ_WINDOW]], dtype=np.int64)
                            for start in range(0, len(ids), GPTQ_WINDOW))]
 

@@ -53,6 +53,11 @@ class DecodeStep:
     finish_reasons: list[str | None]
 
 
+#: input of a builder graph that says which positions get logits (batch, k): serving asks for one
+#: per row (prefill: the prompt's last token), scoring for all (`export.onnx_genai`)
+LOGIT_POSITIONS = "logits_positions"
+
+
 class OnnxCausalLM:
     """A decoder exported with past key values, run by one ONNX Runtime session.
 
@@ -89,6 +94,8 @@ class OnnxCausalLM:
         self._past_names = [f"past_key_values.{i}.{kind}" for i in layers for kind in ("key", "value")]
         self._present_names = [n.replace("past_key_values", "present") for n in self._past_names]
         self._has_position_ids = "position_ids" in inputs
+        #: the graph computes logits only where asked (graphs exported before it: everywhere)
+        self.has_logit_positions = LOGIT_POSITIONS in inputs
 
     @classmethod
     def from_dir(cls, path: Path, threads: int | None = None,
@@ -235,6 +242,8 @@ class OnnxCausalLM:
         feed = {"input_ids": ids, "attention_mask": mask, **dict(zip(self._past_names, past))}
         if self._has_position_ids:
             feed["position_ids"] = positions
+        if self.has_logit_positions:  # every position: what scoring and verification compare
+            feed[LOGIT_POSITIONS] = np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy()
         return feed
 
 

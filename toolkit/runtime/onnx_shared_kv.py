@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from toolkit.runtime.onnx_model import LOGIT_POSITIONS
 from toolkit.runtime.onnx_steps import OrtKvLayout
 
 #: rows and positions the first arena of a batch holds before it grows (doubling)
@@ -100,6 +101,7 @@ class SharedKvStepBackend(OrtKvLayout):
 
     def __init__(self, lm: Any, capacity: int) -> None:
         super().__init__(lm)
+        self.logit_positions = lm.has_logit_positions
         self.vocab = lm.vocab_size
         self.capacity = int(capacity)
 
@@ -121,18 +123,30 @@ class SharedKvStepBackend(OrtKvLayout):
             grown.copy_row(arena, int(slot), int(slot), int(state.lengths[row]))
         return grown
 
-    def _run(self, arena: KvArena, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        """One session run over the first len(ids) rows of `arena` (physical order)."""
+    def _run(self, arena: KvArena, ids: np.ndarray, lengths: np.ndarray,
+             last: np.ndarray) -> np.ndarray:
+        """One session run over the first len(ids) rows of `arena` (physical order).
+
+        Returns the logits of each row at its position `last` (batch, vocab). A graph with
+        `LOGIT_POSITIONS` computes only those: a prompt's other positions would cost the
+        lm_head (a fifth of a 135M model's prefill) and a (rows, prompt, vocab) float array.
+        """
         binding = arena.binding(len(ids))
         width = int(lengths.max())
         mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
-        logits = np.empty((*ids.shape, self.vocab), dtype=np.float32)
+        if self.logit_positions:
+            binding.bind_cpu_input(LOGIT_POSITIONS, last[:, None].astype(np.int64))
+            logits = np.empty((len(ids), 1, self.vocab), dtype=np.float32)
+        else:
+            logits = np.empty((*ids.shape, self.vocab), dtype=np.float32)
         binding.bind_cpu_input("input_ids", ids)
         binding.bind_cpu_input("attention_mask", mask)
         binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape),
                             logits.ctypes.data)
         self.session.run_with_iobinding(binding)
-        return logits
+        if self.logit_positions:
+            return logits[:, 0]
+        return logits[np.arange(len(ids)), last]
 
     def prefill(self, prompts: list[list[int]]) -> tuple[SharedKvState, np.ndarray]:
         """Right-pad the prompts into a new arena: rows attend to their own length only."""
@@ -141,9 +155,8 @@ class SharedKvStepBackend(OrtKvLayout):
         for row, prompt in enumerate(prompts):
             ids[row, :len(prompt)] = prompt
         arena = KvArena(self, max(len(prompts), MIN_ROWS), self._length_for(int(lengths.max())))
-        logits = self._run(arena, ids, lengths)
-        rows = np.arange(len(prompts))
-        return SharedKvState(arena, rows, lengths), logits[rows, lengths - 1]
+        logits = self._run(arena, ids, lengths, lengths - 1)
+        return SharedKvState(arena, np.arange(len(prompts)), lengths), logits
 
     def decode(self, state: SharedKvState, tokens: np.ndarray) -> tuple[SharedKvState, np.ndarray]:
         """One token per logical row; the arena is updated in place."""
@@ -153,7 +166,7 @@ class SharedKvStepBackend(OrtKvLayout):
         ids[state.slots, 0] = tokens
         physical = np.empty_like(lengths)
         physical[state.slots] = lengths
-        logits = self._run(arena, ids, physical)[:, 0]
+        logits = self._run(arena, ids, physical, np.zeros(len(ids), dtype=np.int64))
         in_order = bool((state.slots == np.arange(len(state))).all())
         return SharedKvState(arena, state.slots, lengths), \
             logits if in_order else logits[state.slots]

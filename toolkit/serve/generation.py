@@ -33,6 +33,7 @@ from toolkit.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     OpenAIError,
+    TextChunks,
     chat_chunk,
     chat_response,
     completion_chunk,
@@ -165,6 +166,7 @@ async def _stream(gateway: Gateway, engine: GeneratingEngine, prepared: Prepared
     name = gateway.info.model_name
     chat = endpoint == "chat"
     run = _Run(prepared)
+    texts = TextChunks(cid, created, name, chat)
     generator = engine.generate(prepared)
     chunks = until_stopped(generator, gateway.cut)
     try:
@@ -174,8 +176,7 @@ async def _stream(gateway: Gateway, engine: GeneratingEngine, prepared: Prepared
             async for chunk in chunks:
                 run.add(chunk.text, chunk.tokens, chunk.finish_reason)
                 if chunk.text:
-                    yield sse(chat_chunk(cid, created, name, {"content": chunk.text}) if chat
-                              else completion_chunk(cid, created, name, chunk.text))
+                    yield texts.event(chunk.text)
         except Exception as exc:  # noqa: BLE001 - any failure ends the stream with an error event
             for event in stream_failure(scope, exc, f"generation {cid}"):
                 yield event

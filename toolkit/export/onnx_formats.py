@@ -93,7 +93,8 @@ def export_onnx_int4(ctx: ExportContext, work: Path) -> VariantResult:
         builder = export_genai_onnx(ctx.merged_dir, scratch / "fp32", "fp32")
         ctx.console.print(f"onnx-int4: quantizing ({len(texts)} calibration examples "
                           f"{calibration['by_language']})")
-        facts = onnx_int4.quantize_onnx_int4(scratch / "fp32", work, texts)
+        facts = onnx_int4.quantize_onnx_int4(scratch / "fp32", work, texts,
+                                             adapter_dir=ctx.source.adapter_dir)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     warnings = [calibration["warning"]] if calibration.get("warning") else []

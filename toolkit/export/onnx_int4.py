@@ -98,7 +98,8 @@ CHOSEN = Int4Recipe(algorithm="offset", block_size=32, embedding="shared")
 
 
 def quantize_onnx_int4(src_dir: Path, out_dir: Path, calibration_texts: list[str] | None = None,
-                       recipe: Int4Recipe = CHOSEN) -> dict[str, Any]:
+                       recipe: Int4Recipe = CHOSEN,
+                       adapter_dir: Path | None = None) -> dict[str, Any]:
     """Write an `onnx-int4` folder from the builder's fp32 graph.
 
     Args:
@@ -107,6 +108,9 @@ def quantize_onnx_int4(src_dir: Path, out_dir: Path, calibration_texts: list[str
         calibration_texts: rendered FR/EN conversations; only GPTQ uses them (it fits the
             rounding to the activations they produce).
         recipe: how to quantize (default: the measured choice).
+        adapter_dir: the LoRA adapter merged into `src_dir`'s weights: taken out of them
+            before quantizing and kept beside them in fp32 (`onnx_lora`), so the fine-tune
+            is not rounded away; None quantizes the merged weights as they are.
 
     Returns:
         The recipe, node counts, why it was chosen, the measured alternatives and the files.
@@ -133,6 +137,13 @@ def quantize_onnx_int4(src_dir: Path, out_dir: Path, calibration_texts: list[str
         raise ConfigError("onnx-int4 with GPTQ needs calibration texts: pass --calibration "
                           "data/train.jsonl")
     model = onnx.load(str(src_dir / ONNX_FILE))
+    adapter = None
+    if adapter_dir is not None:
+        from toolkit.export.onnx_lora import split_adapter
+
+        decoder = json.loads((src_dir / GENAI_CONFIG).read_text(encoding="utf-8"))["model"]["decoder"]
+        adapter = split_adapter(model, Path(adapter_dir), decoder)
+    side = adapter.pop("side_nodes") if adapter else []
     tied = _untie_embedding(model)
     lm_head = _lm_head_weight(model)
     if recipe.embedding == "int4":
@@ -151,17 +162,17 @@ def quantize_onnx_int4(src_dir: Path, out_dir: Path, calibration_texts: list[str
         from toolkit.export import onnx_int4_offset
 
         onnx_int4_offset.rewrite_matmuls(model, recipe.block_size, recipe.accuracy_level,
-                                         set(sensitive))
+                                         set(sensitive + side))
         corrections = [n.name for n in model.graph.node if n.name.endswith("_Offset")]
     else:
-        model = _quantize(model, recipe, op_types=("MatMul",), exclude=sensitive + head,
+        model = _quantize(model, recipe, op_types=("MatMul",), exclude=sensitive + head + side,
                           feeds=feeds)
     if head:
         model = _quantize(model, replace(recipe, algorithm="rtn", symmetric=False),
-                          op_types=("MatMul",), exclude=sensitive)
+                          op_types=("MatMul",), exclude=sensitive + side)
     if sensitive:
         model = _quantize(model, replace(recipe, algorithm="rtn", symmetric=False),
-                          op_types=("MatMul",), exclude=corrections, bits=8)
+                          op_types=("MatMul",), exclude=corrections + side, bits=8)
     _set_accuracy_level(model, recipe.accuracy_level)
     shared = recipe.embedding == "shared" and tied and (
         (recipe.algorithm == "offset"
@@ -184,6 +195,8 @@ def quantize_onnx_int4(src_dir: Path, out_dir: Path, calibration_texts: list[str
                       else {"fp32": "fp32 Gather", "int4": "own 4-bit GatherBlockQuantized",
                             "shared": "fp32 Gather (lm_head not tied)"}[recipe.embedding]),
         "embedding_tied": tied,
+        "adapter": adapter or ("merged weights quantized (no adapter given, or one that cannot "
+                               "be kept apart exactly)"),
         "calibration_tokens": sum(int(f["input_ids"].size) for f in feeds) if feeds else 0,
         "reason": INT4_REASON if recipe == CHOSEN else "recipe given by the caller",
         "measured": [dict(zip(MEASUREMENT_FIELDS, row)) for row in INT4_MEASUREMENTS],

@@ -4,7 +4,8 @@ Not a test. It exports a SmolLM2-135M training run (RUN, default runs/demo; with
 when RUN does not exist, a short run is trained first) through `run_export`, so the numbers
 are exactly what `toolkit export` reports, then prints one row per format with the targets:
 
-- every 4-bit format: weights <= 30 % of the fp16 merged model;
+- every 4-bit format: weights <= 35 % of the fp16 merged model (issue 14: the tied embedding
+  quantized where the engine can read it, e.g. onnx-int4's GatherBlockQuantized);
 - on SmolLM2-135M: perplexity delta <= +2 % for every int8 format, <= +10 % for every 4-bit one.
 
     .venv/bin/python benchmarks/export_quality.py [RUN] [--out DIR] [--threads 1]
@@ -28,7 +29,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SIZE_TARGET_4BIT = 0.30
+SIZE_TARGET_4BIT = 0.35
 DELTA_TARGET = {8: 2.0, 4: 10.0}
 
 

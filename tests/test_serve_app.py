@@ -284,8 +284,8 @@ def test_pre_encoded_text_events_equal_the_dict_encoding(chat):
 
 
 def test_gateway_runs_on_httptools_and_uvloop(gateway):
-    """The locked venv carries the C HTTP parser and libuv loop, and uvicorn picks them: on h11 +
-    asyncio the gateway's per-token cost was about twice as high (benchmarks/gateway_overhead.py)."""
+    """The locked venv carries the C HTTP parser and libuv loop, and uvicorn picks them: every
+    streamed token passes through both, on the cores the decode threads need."""
     import uvloop
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 

@@ -359,7 +359,8 @@ def main() -> int:
     parser.add_argument("--eval", type=Path, default=REPO / "data" / "test.jsonl")
     parser.add_argument("--calibration", type=Path, default=REPO / "data" / "train.jsonl")
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "quant-methods")
-    parser.add_argument("--only", nargs="*", help="variant names containing any of these")
+    parser.add_argument("--only", nargs="*", help="variants named exactly so, or whose names "
+                        "contain any of these")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2)
@@ -378,8 +379,10 @@ def main() -> int:
     for row in done.values():  # rows of older runs carried the report-only keys
         for key in ("measured", "lm_head_note"):
             row.get("settings", {}).pop(key, None)
+    names = {v.name for v in variants()}
     todo = [v for v in variants() if v.name not in done and not args.tabulate
-            and (not args.only or any(s in v.name for s in args.only))]
+            and (not args.only or any(s == v.name if s in names else s in v.name
+                                      for s in args.only))]
     bench = setup(args) if todo else None
     for variant in todo:
         print(f"--- {variant.name}", flush=True)

@@ -298,8 +298,22 @@ def render_gateway_overhead(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-#: every name here has a saved result and a README block (tests/test_benchmark_results.py);
-#: `render_serve_throughput` joins once serve_throughput.json is first saved with llama-server
+def render_matmul_kernels(data: dict[str, Any]) -> str:
+    """ORT's weight-only matmul kernels against fp32 SGEMM at serving's row counts."""
+    lines = ["| kernel | rows | ms per layer | vs fp32 | batch gain |", "|---|---|---|---|---|"]
+    for row in data["rows"]:
+        lines.append(f"| {row['kernel']} | {row['rows']} | {row['ms_per_layer']:.3f} | "
+                     f"{row['vs_fp32']:.2f}x | {row['batch_gain']:.1f}x |")
+    settings = data["settings"]
+    lines += ["", (f"One {settings['config']} decoder layer's matmuls (in, out: "
+                   f"{', '.join(f'{k}x{n}' for k, n in settings['shapes'])}), "
+                   f"{settings['threads']} threads, median of {settings['rounds']} interleaved "
+                   "rounds; vs fp32 > 1 is faster than SGEMM; batch gain = rows/s at that many "
+                   "rows over rows/s at one.")]
+    return "\n".join(lines)
+
+
+#: every name here has a saved result and a README block (tests/test_benchmark_results.py)
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "export_quality": render_export_quality,
     "gateway_overhead": render_gateway_overhead,
@@ -309,6 +323,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "onnx_int4_choice": render_onnx_int4_choice,
     "quant_methods": render_quant_methods,
     "serve_throughput": render_serve_throughput,
+    "matmul_kernels": render_matmul_kernels,
 }
 
 

@@ -24,6 +24,7 @@ class ExportFormat(str, Enum):
     ct_w8a8 = "ct-w8a8"
     ct_w4a16 = "ct-w4a16"
     onnx_int4 = "onnx-int4"
+    onnx_w8a8 = "onnx-w8a8"
 
     def __str__(self) -> str:
         return self.value
@@ -127,6 +128,11 @@ REGISTRY: dict[ExportFormat, FormatSpec] = {
                    "ONNX Runtime 4-bit MatMulNBits on onnxruntime-genai's GroupQueryAttention "
                    "graph, embedding included",
                    ("onnx", "4-bit", "int4"), engines=("onnxruntime",)),
+        FormatSpec(ExportFormat.onnx_w8a8, "toolkit.export.onnx_formats:export_onnx_w8a8",
+                   ("onnx", "onnxruntime", "onnxruntime_genai"), "onnx", "onnxruntime", 8, 2.0,
+                   "ONNX Runtime W8A8 (SmoothQuant, int8 weights and per-token int8 "
+                   "activations, MatMulInteger) on onnxruntime-genai's GroupQueryAttention graph",
+                   ("onnx", "8-bit", "int8", "w8a8"), engines=("onnxruntime",)),
     )
 }
 

@@ -1,12 +1,13 @@
-"""`onnx`, `onnx-int8` and `onnx-int4` as registry entries, over the exporters in `toolkit.export`.
+"""The ONNX formats as registry entries, over the exporters in `toolkit.export`.
 
 `onnx` is optimum-onnx's graph (`onnx.py`: `.venv-onnx`, external data, the transformers 4.x
 config view); `onnx-int8` is onnxruntime-genai's builder graph (`onnx_genai.py`) with the
 int8 settings of `onnx.py`; `onnx-int4` applies the measured 4-bit recipe (`onnx_int4.py`)
-to the builder's fp32 graph. This module adapts them to
-the registry's `(ctx, work) -> VariantResult` signature and states the checks: `onnx` must
-match the merged PyTorch model's logits (a wrong rope_theta passes optimum's own check but
-not this one); `onnx-int8` and `onnx-int4` are judged by their perplexity delta.
+to the builder's fp32 graph, and `onnx-w8a8` its SmoothQuant W8A8 rewrite (`onnx_w8a8.py`).
+This module adapts them to the registry's `(ctx, work) -> VariantResult` signature and
+states the checks: `onnx` must match the merged PyTorch model's logits (a wrong rope_theta
+passes optimum's own check but not this one); the quantized ones are judged by their
+perplexity delta.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,34 +73,56 @@ def export_onnx_int8(ctx: ExportContext, work: Path) -> VariantResult:
 
 
 def export_onnx_int4(ctx: ExportContext, work: Path) -> VariantResult:
-    """The measured 4-bit recipe (`onnx_int4`) over the builder's fp32 graph.
-
-    Starting from onnxruntime-genai's fp32 GroupQueryAttention graph (built in a scratch
-    folder beside `work`, removed after) keeps `onnx-int8`'s graph and `genai_config.json`, so
-    the engine decodes it with the KV cache updated in place, as it does `onnx-int8`.
-    """
-    if ctx.merged_dir is None:
-        raise RuntimeError("onnx-int4 starts from the merged folder; export merged first")
+    """The measured 4-bit recipe (`onnx_int4`) over the builder's fp32 graph."""
     try:
         from toolkit.export import onnx_int4
-        from toolkit.export.onnx_genai import export_genai_onnx
     except ImportError as exc:
         raise ToolkitError(f"onnx-int4 is not available in this install ({exc})") from None
-    texts, calibration = ctx.calibration()
-    scratch = Path(tempfile.mkdtemp(prefix=f".{ExportFormat.onnx_int4}-source{PARTIAL_MARK}"
-                                           f"{os.getpid()}-", dir=work.parent))
+
+    def quantize(fp32: Path, texts: list[str]) -> dict[str, Any]:
+        return onnx_int4.quantize_onnx_int4(fp32, work, texts, adapter_dir=ctx.source.adapter_dir)
+
+    return _from_builder_fp32(ctx, work, ExportFormat.onnx_int4, 4, quantize)
+
+
+def export_onnx_w8a8(ctx: ExportContext, work: Path) -> VariantResult:
+    """SmoothQuant W8A8 (`onnx_w8a8`) over the builder's fp32 graph, calibrated on our texts."""
+    from toolkit.export import onnx_w8a8
+
+    def quantize(fp32: Path, texts: list[str]) -> dict[str, Any]:
+        return onnx_w8a8.quantize_onnx_w8a8(fp32, work, texts)
+
+    return _from_builder_fp32(ctx, work, ExportFormat.onnx_w8a8, 8, quantize)
+
+
+def _from_builder_fp32(ctx: ExportContext, work: Path, fmt: ExportFormat, bits: int,
+                       quantize: Callable[[Path, list[str]], dict[str, Any]]) -> VariantResult:
+    """Build onnxruntime-genai's fp32 graph in a scratch folder beside `work`, then `quantize`.
+
+    Starting from the builder's fp32 GroupQueryAttention graph keeps `onnx-int8`'s graph and
+    `genai_config.json`, so the engine decodes the result with the KV cache updated in place,
+    as it does `onnx-int8`. The scratch folder is removed after.
+    """
+    if ctx.merged_dir is None:
+        raise RuntimeError(f"{fmt} starts from the merged folder; export merged first")
     try:
-        ctx.console.print("onnx-int4: building the fp32 GroupQueryAttention graph "
+        from toolkit.export.onnx_genai import export_genai_onnx
+    except ImportError as exc:
+        raise ToolkitError(f"{fmt} is not available in this install ({exc})") from None
+    texts, calibration = ctx.calibration()
+    scratch = Path(tempfile.mkdtemp(prefix=f".{fmt}-source{PARTIAL_MARK}{os.getpid()}-",
+                                    dir=work.parent))
+    try:
+        ctx.console.print(f"{fmt}: building the fp32 GroupQueryAttention graph "
                           "(onnxruntime-genai model builder)")
         builder = export_genai_onnx(ctx.merged_dir, scratch / "fp32", "fp32")
-        ctx.console.print(f"onnx-int4: quantizing ({len(texts)} calibration examples "
+        ctx.console.print(f"{fmt}: quantizing ({len(texts)} calibration examples "
                           f"{calibration['by_language']})")
-        facts = onnx_int4.quantize_onnx_int4(scratch / "fp32", work, texts,
-                                             adapter_dir=ctx.source.adapter_dir)
+        facts = quantize(scratch / "fp32", texts)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     warnings = [calibration["warning"]] if calibration.get("warning") else []
     return VariantResult(
-        quantization={"method": "onnxruntime", "bits": 4, **facts,
+        quantization={"method": "onnxruntime", "bits": bits, **facts,
                       "exporter": builder["exporter"], "graph": builder["graph"]},
         calibration=calibration, warnings=warnings)

@@ -144,10 +144,10 @@ def quantize_onnx_int4(src_dir: Path, out_dir: Path, calibration_texts: list[str
         decoder = json.loads((src_dir / GENAI_CONFIG).read_text(encoding="utf-8"))["model"]["decoder"]
         adapter = split_adapter(model, Path(adapter_dir), decoder)
     side = adapter.pop("side_nodes") if adapter else []
-    tied = _untie_embedding(model)
+    tied = untie_embedding(model)
     lm_head = _lm_head_weight(model)
     if recipe.embedding == "int4":
-        model = _quantize(model, Int4Recipe(block_size=recipe.block_size,
+        model = quantize_nbits(model, Int4Recipe(block_size=recipe.block_size,
                                             symmetric=recipe.symmetric), op_types=("Gather",))
     sensitive = _matching_matmuls(model, recipe.int8)
     # HQQ's zero points are floats, which GatherBlockQuantized cannot read: a shared
@@ -155,7 +155,7 @@ def quantize_onnx_int4(src_dir: Path, out_dir: Path, calibration_texts: list[str
     head = [] if recipe.algorithm != "hqq" or recipe.embedding != "shared" else [
         n.name for n in model.graph.node if n.op_type == "MatMul" and n.output[0] == "logits"
         and n.name not in sensitive]
-    feeds = (_calibration_feeds(model, src_dir, calibration_texts)
+    feeds = (calibration_feeds(model, src_dir, calibration_texts)
              if recipe.algorithm == "gptq" else None)
     corrections: list[str] = []
     if recipe.algorithm == "offset":
@@ -165,15 +165,15 @@ def quantize_onnx_int4(src_dir: Path, out_dir: Path, calibration_texts: list[str
                                          set(sensitive + side))
         corrections = [n.name for n in model.graph.node if n.name.endswith("_Offset")]
     else:
-        model = _quantize(model, recipe, op_types=("MatMul",), exclude=sensitive + head + side,
+        model = quantize_nbits(model, recipe, op_types=("MatMul",), exclude=sensitive + head + side,
                           feeds=feeds)
     if head:
-        model = _quantize(model, replace(recipe, algorithm="rtn", symmetric=False),
+        model = quantize_nbits(model, replace(recipe, algorithm="rtn", symmetric=False),
                           op_types=("MatMul",), exclude=sensitive + side)
     if sensitive:
-        model = _quantize(model, replace(recipe, algorithm="rtn", symmetric=False),
+        model = quantize_nbits(model, replace(recipe, algorithm="rtn", symmetric=False),
                           op_types=("MatMul",), exclude=corrections + side, bits=8)
-    _set_accuracy_level(model, recipe.accuracy_level)
+    set_accuracy_level(model, recipe.accuracy_level)
     shared = recipe.embedding == "shared" and tied and (
         (recipe.algorithm == "offset"
          and onnx_int4_offset.share_embedding(model, lm_head, recipe.block_size))
@@ -204,7 +204,7 @@ def quantize_onnx_int4(src_dir: Path, out_dir: Path, calibration_texts: list[str
     }
 
 
-def _quantize(model: Any, recipe: Int4Recipe, op_types: tuple[str, ...],
+def quantize_nbits(model: Any, recipe: Int4Recipe, op_types: tuple[str, ...],
               exclude: list[str] | None = None, feeds: list[dict[str, np.ndarray]] | None = None,
               bits: int = 4) -> Any:
     """One MatMulNBitsQuantizer pass over `op_types` nodes (their constant weights)."""
@@ -253,7 +253,7 @@ class _FeedReader:
         return feed
 
 
-def _calibration_feeds(model: Any, src_dir: Path,
+def calibration_feeds(model: Any, src_dir: Path,
                        texts: list[str] | None) -> list[dict[str, np.ndarray]]:
     """Graph feeds (no past) of the calibration texts, in `GPTQ_WINDOW`-token windows.
 
@@ -287,7 +287,7 @@ def _matching_matmuls(model: Any, patterns: tuple[str, ...]) -> list[str]:
             if n.op_type == "MatMul" and any(p in n.name for p in patterns)]
 
 
-def _untie_embedding(model: Any) -> bool:
+def untie_embedding(model: Any) -> bool:
     """Give a tied embedding its own fp32 weight, so every recipe starts from separate matrices.
 
     The builder stores a tied matrix once, as the lm_head's [hidden, vocab] MatMul weight, and
@@ -323,7 +323,7 @@ def _lm_head_weight(model: Any) -> str | None:
     return node.input[1] if node is not None and node.op_type == "MatMul" else None
 
 
-def _set_accuracy_level(model: Any, level: int) -> None:
+def set_accuracy_level(model: Any, level: int) -> None:
     """Give every MatMulNBits the recipe's compute type (ORT's HQQ path does not set it)."""
     from onnx import helper
 

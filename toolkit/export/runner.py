@@ -53,7 +53,7 @@ DEFAULT_CALIBRATION = Path("data/train.jsonl")
 #: third-party logging and warnings of the export (`toolkit.logs`), beside the format folders
 LOG_FILE = "export.log"
 NEEDS_CALIBRATION = (ExportFormat.gptq_int4, ExportFormat.onnx_int8, ExportFormat.onnx_int4,
-                     ExportFormat.ct_w8a8, ExportFormat.ct_w4a16)
+                     ExportFormat.onnx_w8a8, ExportFormat.ct_w8a8, ExportFormat.ct_w4a16)
 
 
 class ExportUnavailableError(ToolkitError):

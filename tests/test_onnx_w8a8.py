@@ -1,0 +1,132 @@
+"""The `onnx-w8a8` format on the tiny model: the SmoothQuant W8A8 rewrite of the builder's fp32
+graph loads as an in-place KV graph, scores close to fp32, decodes through `SharedKvStepBackend`,
+quantizes each token on its own (a row's logits do not depend on its batch), and its smoothing
+is what keeps an outlier channel from flattening every other one."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from toolkit.errors import ConfigError, ModelSourceError
+
+pytest.importorskip("onnxruntime", reason="the onnx extra is not installed: pip install 'toolkit[onnx]'")
+
+from toolkit.export.onnx_w8a8 import ALPHA, quantize_onnx_w8a8, rewrite_matmuls
+
+IDS = np.random.default_rng(0).integers(1, 200, (2, 24))
+
+
+@pytest.fixture(scope="module")
+def texts(tiny_model_dir: Path) -> list[str]:
+    from toolkit.export.calibration import calibration_texts
+    from toolkit.runtime.loading import load_tokenizer
+
+    data = Path(__file__).resolve().parents[1] / "data" / "train.jsonl"
+    return calibration_texts(data, load_tokenizer(tiny_model_dir), None)[0][:6]
+
+
+@pytest.fixture(scope="module")
+def w8a8(tiny_gqa_fp32: Path, texts: list[str],
+         tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("w8a8") / "w8a8"
+    return out, quantize_onnx_w8a8(tiny_gqa_fp32, out, texts)
+
+
+def test_graph_scores_close_to_fp32_and_decodes(tiny_gqa_fp32: Path, w8a8) -> None:
+    import onnx
+
+    from toolkit.runtime.onnx_model import OnnxCausalLM
+    from toolkit.runtime.onnx_shared_kv import SharedKvStepBackend
+    from toolkit.runtime.onnx_steps import step_backend
+    from toolkit.runtime.steps import greedy_generate
+
+    folder, facts = w8a8
+    ref = OnnxCausalLM.from_dir(tiny_gqa_fp32, threads=1).logits(IDS)
+    model = OnnxCausalLM.from_dir(folder, threads=1)
+    got = model.logits(IDS)
+    assert model.is_shared_kv
+    assert np.abs(got - ref).max() < 0.1 * np.abs(ref).max()
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() > 0.9
+    backend = step_backend(model, 32)
+    assert isinstance(backend, SharedKvStepBackend)
+    assert len(greedy_generate(backend, [5, 17, 42], 4, stop_at_eos=False)) == 4
+
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+    ops = [n.op_type for n in graph.node]
+    # 2 layers x fused qkv/o/gate/up/down as integer GEMMs; the lm_head weight-only int8
+    assert ops.count("MatMulInteger") == facts["matmul_integer"] == 10
+    assert ops.count("MatMulNBits") == facts["weight_only_int8"] == 1
+    weights = {init.name for init in graph.initializer}
+    assert not [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+    assert facts["alpha"] == ALPHA and facts["calibration_tokens"] > 0 and facts["reason"]
+    assert (folder / "tokenizer.json").is_file()
+    assert json.loads((folder / "config.json").read_text())["dtype"] == "float32"
+    assert (folder / "genai_config.json").read_bytes() == \
+        (tiny_gqa_fp32 / "genai_config.json").read_bytes()
+
+
+def test_a_token_is_quantized_on_its_own(w8a8) -> None:
+    """Per-token scales: a row scores the same alone as next to another row (a per-tensor
+    activation scale would let a louder neighbour coarsen it)."""
+    from toolkit.runtime.onnx_model import OnnxCausalLM
+
+    model = OnnxCausalLM.from_dir(w8a8[0], threads=1)
+    together = model.logits(IDS)
+    other = IDS.copy()
+    other[1] = IDS[1][::-1]  # another neighbour
+    for row in range(len(IDS)):
+        alone = model.logits(IDS[row:row + 1])[0]
+        np.testing.assert_allclose(together[row], alone, rtol=0, atol=1e-5 * np.abs(alone).max())
+    np.testing.assert_allclose(model.logits(other)[0], together[0], rtol=0,
+                               atol=1e-5 * np.abs(together[0]).max())
+
+
+def _one_matmul(weight: np.ndarray) -> object:
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="/proj/MatMul")], "one",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", weight.shape[0]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", weight.shape[1]])],
+        [numpy_helper.from_array(weight, "w")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def test_smoothing_keeps_an_outlier_channel_from_flattening_the_others() -> None:
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(3)
+    weight = rng.normal(0, 0.05, (64, 32)).astype(np.float32)
+    x = rng.normal(0, 1, (16, 64)).astype(np.float32)
+    x[:, 7] *= 80  # one activation channel far louder than the rest, as in LLM layers
+    exact = x @ weight
+    errors = {}
+    for alpha in (0.0, 0.9):
+        model = _one_matmul(weight)
+        assert rewrite_matmuls(model, {"x": np.abs(x).max(axis=0)}, alpha) == 1
+        session = ort.InferenceSession(model.SerializeToString(),
+                                       providers=["CPUExecutionProvider"])
+        assert [n.op_type for n in model.graph.node].count("MatMulInteger") == 1
+        errors[alpha] = np.abs(session.run(["y"], {"x": x})[0] - exact).max()
+    assert errors[0.9] < errors[0.0] / 3, errors
+
+
+def test_errors_name_the_fix(tiny_gqa_fp32: Path, texts: list[str], tmp_path: Path) -> None:
+    fix = r"build the fp32 GroupQueryAttention graph first \(.*export_genai_onnx"
+    with pytest.raises(ModelSourceError, match="no model.onnx; " + fix):
+        quantize_onnx_w8a8(tmp_path, tmp_path / "out", texts)
+    not_builder = tmp_path / "optimum-like"
+    not_builder.mkdir()
+    shutil.copy2(tiny_gqa_fp32 / "model.onnx", not_builder / "model.onnx")
+    with pytest.raises(ModelSourceError, match="no genai_config.json; " + fix):
+        quantize_onnx_w8a8(not_builder, tmp_path / "out", texts)
+    with pytest.raises(ConfigError, match="--calibration"):
+        quantize_onnx_w8a8(tiny_gqa_fp32, tmp_path / "out", [])
+    with pytest.raises(ConfigError, match="alpha 1.5: choose a value from 0 to 1"):
+        quantize_onnx_w8a8(tiny_gqa_fp32, tmp_path / "out", texts, alpha=1.5)
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,260 @@
+"""The `onnx-w8a8` format: int8 weights and int8 activations, so that batches run as int8 GEMMs.
+
+`onnx-int8` stores int8 weights for MatMulNBits, whose int8-compute kernel on CPUs without
+AVX512-VNNI multiplies one activation row at a time: 16 rows cost 9.6x one row where fp32
+SGEMM costs 4x, and a 720-token prefill runs at 0.59x SGEMM (`benchmarks/matmul_kernels.py`).
+Serving 16 clients is mostly such batches. ONNX Runtime's `MatMulInteger` runs MLAS's blocked
+u8 x s8 GEMM instead, which needs the activations in int8 too. This module rewrites the
+builder's fp32 graph (`onnx_genai`) so that every decoder MatMul does that:
+
+- SmoothQuant (Xiao et al., 2023): activation outliers sit in a few input channels, which a
+  per-token int8 scale cannot hold. Each channel j of a MatMul input is divided by
+  s_j = max|x_j|^alpha / max|W_j|^(1 - alpha), measured on the calibration texts, and row j of
+  the weights is multiplied by it (exact in real numbers; it moves the range into the weights,
+  which are quantized per output channel).
+- At run time each row (token) is quantized with its own scale, max|x| / 127, in standard ONNX
+  ops (uint8 around 128), so a token's result does not depend on what it is batched with.
+- `MatMulInteger` multiplies; the int32 result times (row scale x column scale) is the output.
+
+The lm_head runs on one position per row and lost the most to activation rounding (SmolLM2:
++7.8 % perplexity alone), so it stays weight-only MatMulNBits int8 as in `onnx-int8`. The
+graph keeps the builder's inputs, outputs and `genai_config.json`: the engine serves it with
+the KV cache updated in place, like `onnx-int8`. Measured on the demo fine-tune: see
+`W8A8_REASON`.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from toolkit.errors import ConfigError, ModelSourceError
+from toolkit.export.onnx import INT8_SETTINGS, ONNX_DATA_FILE, _staged, copy_model_files
+from toolkit.runtime.onnx_model import GENAI_CONFIG, ONNX_FILE
+
+#: SmoothQuant's migration strength, chosen on the demo fine-tune (W8A8_REASON)
+ALPHA = 0.9
+#: the MatMul left weight-only (the graph output `logits`)
+LM_HEAD_OUTPUT = "logits"
+W8A8_REASON = (
+    "Measured on the demo fine-tune of SmolLM2-135M (2 AVX2 cores, 2 threads): per-token int8 "
+    "activations without smoothing cost +17.3 % perplexity (+7.8 % from the lm_head alone); "
+    "SmoothQuant alpha 0.5 / 0.8 / 0.9 / 1.0 with a weight-only lm_head gave +3.2 / +2.5 / "
+    "+1.9 / +5.2 % (fr +2.2, en +1.2 at 0.9). Against onnx-int8 (MatMulNBits, weight-only, "
+    "+1.7 %) the GEMMs make a 16-row decode step 1.6x and a prefill 1.8-2.2x faster; one row "
+    "alone is about as fast (benchmarks/matmul_kernels.py, benchmarks/serve_throughput.py).")
+
+
+def quantize_onnx_w8a8(src_dir: Path, out_dir: Path, calibration_texts: list[str],
+                       alpha: float = ALPHA) -> dict[str, Any]:
+    """Write an `onnx-w8a8` folder from the builder's fp32 graph.
+
+    Args:
+        src_dir: an fp32 graph written by `onnx_genai.export_genai_onnx(merged, src_dir, "fp32")`.
+        out_dir: the w8a8 folder, replaced if it exists; gets the same tokenizer/config files.
+        calibration_texts: rendered FR/EN conversations: the activation ranges SmoothQuant
+            balances against the weights are measured on them.
+        alpha: SmoothQuant's migration strength (0: none, 1: all of the range to the weights).
+
+    Returns:
+        Facts for the export report: method, alpha, node counts, calibration tokens, files.
+
+    Raises:
+        ModelSourceError: `src_dir` has no model.onnx or no genai_config.json.
+        ConfigError: no calibration texts, or alpha outside [0, 1].
+        MissingExtraError: onnx or onnxruntime is not installed.
+    """
+    from toolkit.extras import require
+
+    for module in ("onnx", "onnxruntime"):
+        require(module, "--quantize onnx-w8a8")
+    import onnx
+
+    from toolkit.export.onnx_int4 import (
+        Int4Recipe,
+        calibration_feeds,
+        quantize_nbits,
+        set_accuracy_level,
+        untie_embedding,
+    )
+
+    src_dir, out_dir = Path(src_dir), Path(out_dir)
+    for name in (ONNX_FILE, GENAI_CONFIG):
+        if not (src_dir / name).is_file():
+            raise ModelSourceError(
+                f"{src_dir}: no {name}; build the fp32 GroupQueryAttention graph first "
+                "(toolkit.export.onnx_genai.export_genai_onnx(merged, out, \"fp32\"))")
+    if not calibration_texts:
+        raise ConfigError("onnx-w8a8 needs calibration texts (its activation ranges are "
+                          "measured on them): pass --calibration data/train.jsonl")
+    if not 0.0 <= alpha <= 1.0:
+        raise ConfigError(f"onnx-w8a8 alpha {alpha}: choose a value from 0 to 1")
+    model = onnx.load(str(src_dir / ONNX_FILE))
+    tied = untie_embedding(model)
+    feeds = calibration_feeds(model, src_dir, calibration_texts)
+    ranges = input_ranges(model, feeds)
+    rewritten = rewrite_matmuls(model, ranges, alpha)
+    # what is left as a float MatMul with a constant weight is the lm_head: weight-only int8
+    model = quantize_nbits(model, Int4Recipe(block_size=INT8_SETTINGS["block_size"],
+                                             symmetric=INT8_SETTINGS["symmetric"]),
+                           op_types=("MatMul",), bits=8)
+    set_accuracy_level(model, INT8_SETTINGS["accuracy_level"])
+    with _staged(out_dir) as stage:
+        onnx.save_model(model, str(stage / ONNX_FILE), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=ONNX_DATA_FILE, size_threshold=1024)
+        copy_model_files(src_dir, stage)
+        shutil.copy2(src_dir / GENAI_CONFIG, stage / GENAI_CONFIG)
+    return {
+        "method": "SmoothQuant W8A8: per-channel int8 weights, per-token dynamic int8 "
+                  "activations (MatMulInteger); lm_head weight-only int8 (MatMulNBits)",
+        "bits": 8,
+        "alpha": alpha,
+        "matmul_integer": rewritten,
+        "weight_only_int8": sum(n.op_type == "MatMulNBits" for n in model.graph.node),
+        "embedding": "fp32 Gather" + (" (untied from the lm_head)" if tied else ""),
+        "calibration_tokens": sum(int(f["input_ids"].size) for f in feeds),
+        "reason": W8A8_REASON,
+        "files": {p.name: p.stat().st_size for p in sorted(out_dir.iterdir())},
+    }
+
+
+def _weighted_matmuls(model: Any) -> list[Any]:
+    """MatMul nodes with a constant 2-D weight, but the lm_head."""
+    weights = {init.name: init for init in model.graph.initializer if len(init.dims) == 2}
+    return [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights
+            and n.output[0] != LM_HEAD_OUTPUT]
+
+
+def input_ranges(model: Any, feeds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """max |x_j| per input channel of every weighted MatMul input, over the calibration feeds."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    probe = type(model)()
+    probe.CopyFrom(model)
+    names = sorted({n.input[0] for n in _weighted_matmuls(model)})
+    probe.graph.output.extend(helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
+                              for name in names)
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    ranges: dict[str, np.ndarray] = {}
+    for feed in feeds:
+        for name, value in zip(names, session.run(names, feed)):
+            peak = np.abs(value).reshape(-1, value.shape[-1]).max(axis=0)
+            ranges[name] = np.maximum(ranges.get(name, peak), peak)
+    return ranges
+
+
+def smoothing(activation_max: np.ndarray, weight_max: np.ndarray, alpha: float) -> np.ndarray:
+    """SmoothQuant's per-channel factors, kept within [1e-2, 1e2] (dead channels stay put)."""
+    factors = (np.maximum(activation_max, 1e-5) ** alpha
+               / np.maximum(weight_max, 1e-5) ** (1.0 - alpha))
+    return np.clip(factors, 1e-2, 1e2).astype(np.float32)
+
+
+def rewrite_matmuls(model: Any, ranges: dict[str, np.ndarray], alpha: float) -> int:
+    """Replace every weighted MatMul but the lm_head by its smoothed W8A8 form; their count.
+
+    MatMuls sharing an input (gate and up) share its smoothing and its quantized copy.
+    """
+    from onnx import numpy_helper
+
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    targets = {n.output[0] for n in _weighted_matmuls(model)}  # outputs are unique
+    readers: dict[str, list[np.ndarray]] = {}
+    for node in graph.node:
+        if node.output[0] in targets:
+            readers.setdefault(node.input[0], []).append(
+                numpy_helper.to_array(initializers[node.input[1]]).astype(np.float32))
+    factors = {name: smoothing(ranges[name], np.max([np.abs(w).max(axis=1) for w in ws], axis=0),
+                               alpha) for name, ws in readers.items()}
+    constants = _Constants(graph)
+    quantized: dict[str, tuple[str, str]] = {}
+    nodes: list[Any] = []
+    for node in graph.node:
+        if node.output[0] not in targets:
+            nodes.append(node)
+            continue
+        source = node.input[0]
+        if source not in quantized:
+            quantized[source] = _quantize_rows(source, factors[source], constants, nodes)
+        ints, row_scale = quantized[source]
+        weight = numpy_helper.to_array(initializers[node.input[1]]).astype(np.float32)
+        weight = weight * factors[source][:, None]
+        column_scale = np.maximum(np.abs(weight).max(axis=0), 1e-12) / 127.0
+        name = node.input[1]
+        constants.add(f"{name}/int8", np.clip(np.round(weight / column_scale), -127, 127)
+                      .astype(np.int8))
+        constants.add(f"{name}/scale", column_scale.astype(np.float32))
+        nodes += _integer_matmul(node.name or node.output[0], ints, row_scale, name, node.output[0],
+                                 constants)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {name for node in graph.node for name in node.input}
+    kept = [init for init in graph.initializer if init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return len(targets)
+
+
+class _Constants:
+    """Initializers added to a graph, each once."""
+
+    def __init__(self, graph: Any) -> None:
+        self.graph = graph
+        self.names: set[str] = set()
+
+    def add(self, name: str, value: np.ndarray) -> str:
+        from onnx import numpy_helper
+
+        if name not in self.names:
+            self.graph.initializer.append(numpy_helper.from_array(value, name))
+            self.names.add(name)
+        return name
+
+
+def _quantize_rows(source: str, factors: np.ndarray, constants: _Constants,
+                   nodes: list[Any]) -> tuple[str, str]:
+    """Nodes turning `source` (rows x channels) into uint8 rows and their scales (rows x 1)."""
+    from onnx import TensorProto, helper
+
+    q = f"{source}/w8a8"
+    inverse = constants.add(f"{q}/inverse_smoothing", (1.0 / factors).astype(np.float32))
+    axes = constants.add("/w8a8/last_axis", np.array([-1], dtype=np.int64))
+    tiny = constants.add("/w8a8/tiny", np.array(1e-12, dtype=np.float32))
+    levels = constants.add("/w8a8/127", np.array(127.0, dtype=np.float32))
+    middle = constants.add("/w8a8/128", np.array(128.0, dtype=np.float32))
+    step = [("Mul", [source, inverse], "smoothed", {}),
+            ("Abs", [f"{q}/smoothed"], "abs", {}),
+            ("ReduceMax", [f"{q}/abs", axes], "max", {"keepdims": 1}),
+            ("Max", [f"{q}/max", tiny], "max_nonzero", {}),
+            ("Div", [f"{q}/max_nonzero", levels], "scale", {}),
+            ("Div", [f"{q}/smoothed", f"{q}/scale"], "scaled", {}),
+            ("Round", [f"{q}/scaled"], "rounded", {}),
+            ("Add", [f"{q}/rounded", middle], "shifted", {}),
+            ("Cast", [f"{q}/shifted"], "uint8", {"to": TensorProto.UINT8})]
+    for op, inputs, output, attributes in step:
+        nodes.append(helper.make_node(op, inputs, [f"{q}/{output}"], name=f"{q}/{op}_{output}",
+                                      **attributes))
+    return f"{q}/uint8", f"{q}/scale"
+
+
+def _integer_matmul(name: str, ints: str, row_scale: str, weight: str, output: str,
+                    constants: _Constants) -> list[Any]:
+    """MatMulInteger (zero point 128 for the activations) and the float rescale to `output`."""
+    from onnx import TensorProto, helper
+
+    zero = constants.add("/w8a8/zero_point", np.array(128, dtype=np.uint8))
+    return [
+        helper.make_node("MatMulInteger", [ints, f"{weight}/int8", zero], [f"{name}/int32"],
+                         name=f"{name}/MatMulInteger"),
+        helper.make_node("Cast", [f"{name}/int32"], [f"{name}/float"], name=f"{name}/Cast",
+                         to=TensorProto.FLOAT),
+        helper.make_node("Mul", [f"{name}/float", row_scale], [f"{name}/rows"],
+                         name=f"{name}/RowScale"),
+        helper.make_node("Mul", [f"{name}/rows", f"{weight}/scale"], [output],
+                         name=f"{name}/ColumnScale"),
+    ]

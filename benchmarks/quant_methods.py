@@ -11,7 +11,7 @@ Speed: greedy batch-1 tok/s with --threads pinned, as a ratio to the merged mode
 interleaved rounds (merged, variant, variant, merged), because other jobs share the cores.
 
     .venv/bin/python benchmarks/quant_methods.py [--run runs/demo] [--only SUBSTR ...]
-        [--work DIR] [--threads 1] [--tabulate] [--save]
+        [--work DIR] [--threads 1] [--tabulate] [--save] [--result NAME]
 
 Rows are appended to WORK/rows.jsonl as they are measured and a rerun skips the variants already
 there, so a long run can be stopped and resumed; `--save` writes
@@ -76,8 +76,10 @@ def variants() -> list[Variant]:
     return [
         Variant("bnb-int8 t6 (default)", "bnb", {"bits": 8}),
         Variant("bnb-nf4 dq (default)", "bnb", {"bits": 4}),
-        Variant("gptq g64 (default)", "gptq", {}),
-        Variant("gptq g32", "gptq", {"group_size": 32}),
+        Variant("gptq g32 asym (default)", "gptq", {},
+                "the base weights are a dequantized Q4_1 GGUF: asymmetric blocks of 32"),
+        Variant("gptq g64 sym (former default)", "gptq", {"group_size": 64, "sym": True}),
+        Variant("gptq g32 sym", "gptq", {"group_size": 32, "sym": True}),
         Variant("hqq 4-bit g64", "hqq", {"nbits": 4, "group_size": 64}),
         Variant("bnb-int8 t3", "bnb", {"bits": 8, "llm_int8_threshold": 3.0}),
         Variant("bnb-int8 t6, down_proj 16-bit", "bnb",
@@ -86,10 +88,8 @@ def variants() -> list[Variant]:
                 {"bits": 4, "skip_modules": _keep("down_proj")}, "sensitivity"),
         Variant("bnb-nf4 dq, blocks 0,1,28,29 16-bit", "bnb",
                 {"bits": 4, "skip_modules": _keep(FIRST_LAST_BLOCKS)}, "sensitivity"),
-        Variant("gptq g32, desc_act", "gptq", {"group_size": 32, "desc_act": True,
-                                               "act_group_aware": False}),
-        Variant("gptq g32 asym", "gptq", {"group_size": 32, "sym": False},
-                "the base weights are a dequantized Q4_1 GGUF: asymmetric blocks of 32"),
+        Variant("gptq g32 sym, desc_act", "gptq", {"group_size": 32, "sym": True,
+                                                   "desc_act": True, "act_group_aware": False}),
         Variant("hqq 4-bit g32", "hqq", {"nbits": 4, "group_size": 32}),
         Variant("bnb-int8 t0 (no fp16 outliers)", "bnb", {"bits": 8, "llm_int8_threshold": 0.0}),
         Variant("bnb-int8 t1", "bnb", {"bits": 8, "llm_int8_threshold": 1.0}),
@@ -99,7 +99,7 @@ def variants() -> list[Variant]:
         Variant("gptq g32, damp 0.01", "gptq", {"group_size": 32, "damp_percent": 0.01}),
         Variant("gptq g32, damp 0.10", "gptq", {"group_size": 32, "damp_percent": 0.10}),
         Variant("gptq g32, mse 2.4", "gptq", {"group_size": 32, "mse": 2.4}),
-        Variant("gptq g64, act-group-aware off", "gptq", {"act_group_aware": False}),
+        Variant("gptq g32, act-group-aware off", "gptq", {"act_group_aware": False}),
         Variant("gptq g32, true_sequential off", "gptq",
                 {"group_size": 32, "true_sequential": False}),
         Variant("gptq g32, half the calibration examples", "gptq",
@@ -367,6 +367,8 @@ def main() -> int:
     parser.add_argument("--save", action="store_true",
                         help="write benchmarks/results/quant_methods.json from WORK/rows.jsonl")
     parser.add_argument("--note", default="", help="a sentence saved with the results")
+    parser.add_argument("--result", default="quant_methods",
+                        help="saved as benchmarks/results/RESULT.json (one per reference model)")
     parser.add_argument("--tabulate", action="store_true",
                         help="measure nothing: print (and --save) the rows already in WORK")
     args = parser.parse_args()
@@ -412,7 +414,7 @@ def main() -> int:
         from toolkit.export.calibration import describe_data
 
         calibration = describe_data(args.calibration, load_examples(args.calibration))
-        save("quant_methods", {
+        save(args.result, {
             "run": str(args.run), "reference": cached["reference"],
             "reference_perplexity": reference_ppl, "eval": str(args.eval),
             "calibration": str(args.calibration), "calibration_examples": calibration["examples"],

@@ -322,6 +322,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "vllm_quantized": render_vllm_quantized,
     "onnx_int4_choice": render_onnx_int4_choice,
     "quant_methods": render_quant_methods,
+    "quant_methods_demo": render_quant_methods,
     "serve_throughput": render_serve_throughput,
     "matmul_kernels": render_matmul_kernels,
 }

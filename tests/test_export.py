@@ -352,15 +352,18 @@ def test_quantized_formats_are_measured_against_merged(exported: Any) -> None:
 
 
 @pytest.mark.parametrize(("sizes", "group"), [
-    ([4096, 11008], 128), ([576, 1536], 64), ([64, 128], 64), ([96, 160], 32), ([100, 300], -1),
+    ([4096, 11008], 32), ([576, 1536], 32), ([64, 128], 32), ([48, 80], 16), ([100, 300], -1),
 ])
 def test_gptq_group_size(sizes: list[int], group: int) -> None:
     from toolkit.export.gptq import choose_group_size
 
     chosen, reason = choose_group_size(sizes)
     assert chosen == group
-    if group == 64 and 576 in sizes:
-        assert "576" in reason
+    if group == 16:
+        assert "32 does not divide input size(s) 48, 80" in reason
+    assert choose_group_size([576, 1536], preferred=128) == (
+        64, "128 does not divide input size(s) 576 (the CPU kernel needs it to); 64 is the "
+        "largest power of two that divides them all")
 
 
 def test_gptq_settings_read_the_architecture(tiny_model_dir: Path) -> None:
@@ -369,7 +372,8 @@ def test_gptq_settings_read_the_architecture(tiny_model_dir: Path) -> None:
     features = quantized_in_features(tiny_model_dir)
     assert set(features.values()) == {64, 128} and not any("lm_head" in n for n in features)
     settings = gptq_settings(tiny_model_dir)
-    assert settings["group_size"] == 64 and settings["bits"] == 4 and not settings["desc_act"]
+    assert settings["group_size"] == 32 and settings["bits"] == 4 and not settings["desc_act"]
+    assert settings["sym"] is False  # measured: asymmetric groups (GPTQ_REASON)
 
 
 def test_calibration_renders_both_languages_as_conversations(

@@ -1,9 +1,11 @@
 """`gptq-int4`: GPTQ 4-bit through gptqmodel, calibrated on the project's FR/EN examples.
 
-Group size: 128 where it divides every quantized layer's input size, else the largest
-power of two that does. This is not cosmetic: gptqmodel quantizes SmolLM2 (hidden 576) at
-g128 without complaint, and its CPU kernel then fails at inference ("expect K to be
-divisible by qGroupSize, got K:576, qGroupSize:128"); g64 works. The checkpoint is saved in
+Group size: 32 where it divides every quantized layer's input size, else the largest power
+of two that does; weights asymmetric (a zero point per group). Both by measurement
+(`benchmarks/quant_methods.py`, `GPTQ_REASON`). The group must divide the input sizes:
+gptqmodel quantizes SmolLM2 (hidden 576) at g128 without complaint, and its CPU kernel then
+fails at inference ("expect K to be divisible by qGroupSize, got K:576, qGroupSize:128").
+The checkpoint is saved in
 the GPTQ v1 layout vLLM loads (`quantize_config.json` + `config.json` quantization_config:
 bits, group_size, desc_act, sym, checkpoint_format "gptq"), non-quantized tensors in the
 merged dtype.
@@ -21,7 +23,7 @@ from typing import Any
 from toolkit.errors import ToolkitError
 from toolkit.export.context import ExportContext, VariantResult
 
-PREFERRED_GROUP_SIZE = 128
+PREFERRED_GROUP_SIZE = 32
 MIN_GROUP_SIZE = 16
 #: 2-core machines: more workers only contend (STACK-FACTS); the user's setting wins
 DEFAULT_CPU_WORKERS = "2"
@@ -71,18 +73,20 @@ def gptq_settings(model_dir: Path, trust_remote_code: bool = False) -> dict[str,
     group, why = choose_group_size(quantized_in_features(model_dir, trust_remote_code).values())
     return {"method": "gptq", "bits": 4, "group_size": group, "group_size_reason": why,
             "desc_act": False, "act_group_aware": True, "true_sequential": True,
-            "damp_percent": 0.05, "mse": 0.0, "lm_head": False, "sym": True,
+            "damp_percent": 0.05, "mse": 0.0, "lm_head": False, "sym": False,
             "checkpoint_format": "gptq", "reason": GPTQ_REASON, "lm_head_note": LM_HEAD_NOTE}
 
 
 GPTQ_REASON = (
-    "desc_act off with gptqmodel's act-group-aware ordering: act-order accuracy with static "
-    "groups, so every vLLM backend keeps its fast kernel; symmetric: what vLLM's GPTQ/Marlin "
-    "kernels expect. Measured on SmolLM2-135M (demo run, AVX512 Xeon): +18.4 % perplexity "
-    "(fr +22.3 %, en +10.8 %), 43 % of fp16, 28.7 tok/s with 1 thread. The variants of "
-    "benchmarks/quant_methods.py (group 32, act-order, damping, mse, true-sequential, half "
-    "the calibration set) were not measured yet: on the shared 2-core machine one GPTQ run "
-    "took over an hour, so the defaults are unchanged until they are."
+    "Asymmetric groups of 32, by measurement on the demo fine-tune of SmolLM2-135M "
+    "(benchmarks/quant_methods.py, 2 AVX2 cores): g32 asymmetric +7.5 % perplexity (fr +9.1 %, "
+    "en +4.3 %) against +16.8 % for g32 symmetric, +14.9 % for g32 with desc_act and +19.2 % for "
+    "the former default (g64 symmetric). The embedded SmolLM2 was unpacked from a Q4_1 GGUF, "
+    "whose blocks of 32 carry a float offset: a zero point per group of 32 follows that grid, a "
+    "symmetric grid around 0 rounds it a second time. desc_act stays off (gptqmodel's "
+    "act-group-aware ordering instead): static groups keep every vLLM backend on its fast "
+    "kernel. vLLM's Marlin kernels take symmetric GPTQ only; asymmetric GPTQ runs on its "
+    "gptq/exllama kernels on a GPU (the report's vLLM proof says what loads here)."
 )
 LM_HEAD_NOTE = (
     "lm_head stays 16-bit: gptqmodel 7.6 refuses to quantize a tied lm_head "

@@ -7,8 +7,8 @@ One command, on as quiet a machine as you have (builds llama.cpp once into ~/.ca
 
 Setups, all started first and then measured in interleaved passes (A B C C B A) per level:
   toolkit <export>     `toolkit serve EXPORT` (the gateway + its embedded engine) on every
-                       --toolkit export; default RUN/exports/onnx-int8, and RUN/exports/onnx-int4
-                       when it exists
+                       --toolkit export; default RUN/exports/ onnx-int8, onnx-w8a8 and
+                       onnx-int4, those that exist
   llama-server <quant> llama.cpp's C++ server (`-t T -tb T --parallel 16`, continuous batching)
                        on RUN/exports/merged converted to GGUF and quantized to Q8_0, Q4_1 and
                        Q4_K_M (benchmarks/llama_server.py builds and caches all of it)
@@ -56,7 +56,10 @@ PROMPTS = [
 ]
 REPO = Path(__file__).resolve().parents[1]
 #: export format -> bit width compared with llama.cpp's quants of the same width
-BITS = {"onnx-int8": "int8", "onnx-int4": "4-bit", "onnx": "fp32", "merged": "fp32"}
+BITS = {"onnx-int8": "int8", "onnx-w8a8": "int8", "onnx-int4": "4-bit", "onnx": "fp32",
+        "merged": "fp32"}
+#: the toolkit exports served by default, when the run has them
+DEFAULT_EXPORTS = ("onnx-int8", "onnx-w8a8", "onnx-int4")
 QUANT_BITS = {"Q8_0": "int8", "Q4_1": "4-bit", "Q4_K_M": "4-bit"}
 
 
@@ -258,8 +261,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--run", type=Path, default=REPO / "runs" / "demo",
                         help="training run whose exports are served (default runs/demo)")
     parser.add_argument("--toolkit", type=Path, nargs="*", default=None,
-                        help="exports served by the toolkit (default RUN/exports/onnx-int8 and "
-                             "RUN/exports/onnx-int4 when present)")
+                        help="exports served by the toolkit (default: RUN/exports/ onnx-int8, "
+                             "onnx-w8a8 and onnx-int4, those present)")
     parser.add_argument("--reference", type=Path, default=None,
                         help="transformers model converted to GGUF (default RUN/exports/merged)")
     parser.add_argument("--quants", nargs="*", default=list(llama_server.QUANTS),
@@ -277,7 +280,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.reference = args.reference or args.run / "exports" / "merged"
     if args.toolkit is None:
-        args.toolkit = [args.run / "exports" / name for name in ("onnx-int8", "onnx-int4")
+        args.toolkit = [args.run / "exports" / name for name in DEFAULT_EXPORTS
                         if (args.run / "exports" / name).is_dir()]
     return args
 

@@ -13,7 +13,7 @@ tk=.venv/bin/toolkit
 
 $tk data stats data/train.jsonl
 $tk train configs/model/smollm2-135m.yaml --output "$run" --overwrite
-$tk export "$run" --quantize merged --quantize onnx --quantize onnx-int8 --quantize onnx-int4 \
+$tk export "$run" --quantize merged --quantize onnx --quantize onnx-int8 --quantize onnx-w8a8 --quantize onnx-int4 \
   --quantize bnb-int8 --quantize bnb-nf4 --quantize gptq-int4 --quantize ct-w8a8 --quantize ct-w4a16 --overwrite || \
   echo "demo: some formats were skipped on this machine (see the table above)"
 

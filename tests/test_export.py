@@ -373,7 +373,7 @@ def test_gptq_settings_read_the_architecture(tiny_model_dir: Path) -> None:
     assert set(features.values()) == {64, 128} and not any("lm_head" in n for n in features)
     settings = gptq_settings(tiny_model_dir)
     assert settings["group_size"] == 32 and settings["bits"] == 4 and not settings["desc_act"]
-    assert settings["sym"] is False  # measured: asymmetric groups (GPTQ_REASON)
+    assert settings["sym"] is True  # what vLLM's GPTQ loader takes (GPTQ_REASON)
 
 
 def test_calibration_renders_both_languages_as_conversations(

@@ -1,8 +1,8 @@
 """`gptq-int4`: GPTQ 4-bit through gptqmodel, calibrated on the project's FR/EN examples.
 
 Group size: 32 where it divides every quantized layer's input size, else the largest power
-of two that does; weights asymmetric (a zero point per group). Both by measurement
-(`benchmarks/quant_methods.py`, `GPTQ_REASON`). The group must divide the input sizes:
+of two that does (by measurement: `benchmarks/quant_methods.py`, `GPTQ_REASON`); weights
+symmetric, the one GPTQ layout vLLM's `gptq` loader takes. The group must divide the input sizes:
 gptqmodel quantizes SmolLM2 (hidden 576) at g128 without complaint, and its CPU kernel then
 fails at inference ("expect K to be divisible by qGroupSize, got K:576, qGroupSize:128").
 The checkpoint is saved in
@@ -73,20 +73,22 @@ def gptq_settings(model_dir: Path, trust_remote_code: bool = False) -> dict[str,
     group, why = choose_group_size(quantized_in_features(model_dir, trust_remote_code).values())
     return {"method": "gptq", "bits": 4, "group_size": group, "group_size_reason": why,
             "desc_act": False, "act_group_aware": True, "true_sequential": True,
-            "damp_percent": 0.05, "mse": 0.0, "lm_head": False, "sym": False,
+            "damp_percent": 0.05, "mse": 0.0, "lm_head": False, "sym": True,
             "checkpoint_format": "gptq", "reason": GPTQ_REASON, "lm_head_note": LM_HEAD_NOTE}
 
 
 GPTQ_REASON = (
-    "Asymmetric groups of 32, by measurement on the demo fine-tune of SmolLM2-135M "
-    "(benchmarks/quant_methods.py, 2 AVX2 cores): g32 asymmetric +7.5 % perplexity (fr +9.1 %, "
-    "en +4.3 %) against +16.8 % for g32 symmetric, +14.9 % for g32 with desc_act and +19.2 % for "
-    "the former default (g64 symmetric). The embedded SmolLM2 was unpacked from a Q4_1 GGUF, "
-    "whose blocks of 32 carry a float offset: a zero point per group of 32 follows that grid, a "
-    "symmetric grid around 0 rounds it a second time. desc_act stays off (gptqmodel's "
-    "act-group-aware ordering instead): static groups keep every vLLM backend on its fast "
-    "kernel. vLLM's Marlin kernels take symmetric GPTQ only; asymmetric GPTQ runs on its "
-    "gptq/exllama kernels on a GPU (the report's vLLM proof says what loads here)."
+    "Symmetric groups of 32. Measured on the demo fine-tune of SmolLM2-135M "
+    "(benchmarks/quant_methods.py, 2 AVX2 cores): g32 symmetric +16.8 % perplexity against "
+    "+19.2 % for the former default (g64 symmetric); g32 with desc_act +14.9 %; g32 asymmetric "
+    "+7.5 % (fr +9.1 %, en +4.3 %), within the 4-bit target, but vLLM's GPTQ loader takes "
+    "symmetric checkpoints only (vllm 0.32 AutoGPTQConfig: 'Unsupported quantization config: "
+    "bits=4, sym=False'), and gptq-int4 is the GPTQ checkpoint vLLM serves unchanged. The "
+    "asymmetric 4-bit for vLLM is ct-w4a16 (compressed-tensors with zero points). The embedded "
+    "SmolLM2 was unpacked from a Q4_1 GGUF, whose blocks of 32 carry a float offset: a zero "
+    "point per group follows it, a symmetric grid rounds it a second time. desc_act stays off "
+    "(gptqmodel's act-group-aware ordering instead): static groups keep every vLLM backend on "
+    "its fast kernel."
 )
 LM_HEAD_NOTE = (
     "lm_head stays 16-bit: gptqmodel 7.6 refuses to quantize a tied lm_head "

@@ -1,4 +1,4 @@
-"""The embedded ONNX Runtime engine for `onnx` and `onnx-int8` exports.
+"""The embedded ONNX Runtime engine for the `onnx*` exports.
 
 The session (`runtime.onnx_model.OnnxCausalLM`) and its batched step (`runtime.onnx_steps.
 step_backend`: `SharedKvStepBackend` for a GroupQueryAttention graph from onnxruntime-genai's

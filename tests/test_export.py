@@ -362,8 +362,8 @@ def test_gptq_group_size(sizes: list[int], group: int) -> None:
     if group == 16:
         assert "32 does not divide input size(s) 48, 80" in reason
     assert choose_group_size([576, 1536], preferred=128) == (
-        64, "128 does not divide input size(s) 576 (the CPU kernel needs it to); 64 is the "
-        "largest power of two that divides them all")
+        64, ("128 does not divide input size(s) 576 (the CPU kernel needs it to); 64 is the "
+             "largest power of two that divides them all"))
 
 
 def test_gptq_settings_read_the_architecture(tiny_model_dir: Path) -> None:

@@ -49,15 +49,13 @@ W8A8_SETTINGS: dict[str, Any] = {
 }
 W4A16_SETTINGS: dict[str, Any] = {
     "method": "compressed-tensors", "scheme": "W4A16", "bits": 4, "algorithm": "gptq",
-    "symmetric": False, "actorder": "static",
-    "weights": "int4 in groups, asymmetric (a zero point per group)",
+    "symmetric": True, "actorder": "static", "weights": "int4 in groups, symmetric",
     "activations": "16-bit", "kept": "lm_head (tied embedding)",
-    "reason": "GPTQ int4 with activation order (static groups, no g_idx) in groups of 32 with "
-              "zero points: on the demo fine-tune GPTQ g32 asymmetric measured +7.5 % "
-              "perplexity against +16.8 % symmetric (benchmarks/quant_methods.py; the model's "
-              "weights come from a Q4_1 GGUF, blocks of 32 with a float offset); vLLM's "
-              "compressed-tensors WNA16 scheme takes zero points (uint4 with zero points on "
-              "Marlin-capable GPUs)",
+    "reason": "GPTQ int4 with activation order (static groups, no g_idx) in groups of 32 (as "
+              "gptq-int4, by measurement); symmetric: an asymmetric checkpoint (zero points, "
+              "+7.5 % instead of +16.8 % with gptqmodel on the demo) is written by "
+              "llmcompressor's compressed-tensors 0.19 with packed zero points that 0.20's "
+              "transformers loader rejects (size mismatch), so it could not be verified here",
 }
 
 

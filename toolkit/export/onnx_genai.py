@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from toolkit.errors import MissingExtraError
+from toolkit.errors import MissingExtraError, ModelSourceError
 from toolkit.export.onnx import (
     INT8_SETTINGS,
     OnnxExportError,
@@ -100,6 +100,20 @@ def export_genai_onnx(model_dir: Path, out_dir: Path,
                  f"logits only at `{LOGIT_POSITIONS}`",
         "files": {p.name: p.stat().st_size for p in sorted(out_dir.iterdir())},
     }
+
+
+def check_builder_graph(folder: Path) -> None:
+    """Raise unless `folder` holds a builder graph (model.onnx and genai_config.json), the
+    source the quantizers of `onnx-int4` and `onnx-w8a8` rewrite.
+
+    Raises:
+        ModelSourceError: a file is missing; the message says how to build the graph.
+    """
+    for name in (ONNX_FILE, GENAI_CONFIG):
+        if not (Path(folder) / name).is_file():
+            raise ModelSourceError(
+                f"{folder}: no {name}; build the fp32 GroupQueryAttention graph first "
+                "(toolkit.export.onnx_genai.export_genai_onnx(merged, out, \"fp32\"))")
 
 
 def gather_logit_positions(path: Path) -> None:

@@ -23,8 +23,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from toolkit.errors import ConfigError, ModelSourceError
+from toolkit.errors import ConfigError
 from toolkit.export.onnx import ONNX_DATA_FILE, _staged, copy_model_files
+from toolkit.export.onnx_genai import check_builder_graph
 from toolkit.runtime.onnx_model import GENAI_CONFIG, LOGIT_POSITIONS, ONNX_FILE
 
 Algorithm = Literal["rtn", "k_quant", "hqq", "gptq", "offset"]
@@ -128,11 +129,7 @@ def quantize_onnx_int4(src_dir: Path, out_dir: Path, calibration_texts: list[str
     import onnx
 
     src_dir, out_dir = Path(src_dir), Path(out_dir)
-    for name in (ONNX_FILE, GENAI_CONFIG):
-        if not (src_dir / name).is_file():
-            raise ModelSourceError(
-                f"{src_dir}: no {name}; build the fp32 GroupQueryAttention graph first "
-                "(toolkit.export.onnx_genai.export_genai_onnx(merged, out, \"fp32\"))")
+    check_builder_graph(src_dir)
     if recipe.algorithm == "gptq" and not calibration_texts:
         raise ConfigError("onnx-int4 with GPTQ needs calibration texts: pass --calibration "
                           "data/train.jsonl")

@@ -31,8 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from toolkit.errors import ConfigError, ModelSourceError
+from toolkit.errors import ConfigError
 from toolkit.export.onnx import INT8_SETTINGS, ONNX_DATA_FILE, _staged, copy_model_files
+from toolkit.export.onnx_genai import check_builder_graph
 from toolkit.runtime.onnx_model import GENAI_CONFIG, ONNX_FILE
 
 #: SmoothQuant's migration strength, chosen on the demo fine-tune (W8A8_REASON)
@@ -82,11 +83,7 @@ def quantize_onnx_w8a8(src_dir: Path, out_dir: Path, calibration_texts: list[str
     )
 
     src_dir, out_dir = Path(src_dir), Path(out_dir)
-    for name in (ONNX_FILE, GENAI_CONFIG):
-        if not (src_dir / name).is_file():
-            raise ModelSourceError(
-                f"{src_dir}: no {name}; build the fp32 GroupQueryAttention graph first "
-                "(toolkit.export.onnx_genai.export_genai_onnx(merged, out, \"fp32\"))")
+    check_builder_graph(src_dir)
     if not calibration_texts:
         raise ConfigError("onnx-w8a8 needs calibration texts (its activation ranges are "
                           "measured on them): pass --calibration data/train.jsonl")

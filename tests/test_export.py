@@ -334,11 +334,12 @@ def test_quantized_formats_are_measured_against_merged(exported: Any) -> None:
             assert report.weights_bytes < merged.weights_bytes
     if ExportFormat.gptq_int4 in cpu_formats():
         gptq = exported.outcome("gptq-int4").report
-        assert gptq.quantization["group_size"] == 64  # hidden 64: 128 does not divide it
+        assert gptq.quantization["group_size"] == 32  # inputs 64 and 128: 32 divides both
         assert gptq.calibration["by_language"] == {"en": 6, "fr": 6}
         config = json.loads((exported.out / "gptq-int4" / "config.json").read_text())
         quant = config["quantization_config"]
-        assert (quant["bits"], quant["group_size"], quant["desc_act"]) == (4, 64, False)
+        assert (quant["bits"], quant["group_size"], quant["desc_act"], quant["sym"]) == (
+            4, 32, False, True)  # symmetric: what vLLM's GPTQ loader takes
         assert quant["checkpoint_format"] == "gptq"
         # the kernel the measured speed ran: one of gptqmodel's quantized linear classes
         assert gptq.quantization["inference_kernel"].endswith("Linear")

@@ -118,8 +118,8 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_toke
     """One streamed greedy chat completion of exactly `max_tokens` tokens (ignore_eos).
 
     The stream is scanned as bytes, not split into lines and decoded: the client shares the
-    two cores with the servers, and per-line work for 16 streams (~4,000 events/s) showed as
-    server overhead. Only the first text chunk (TTFT) is looked for, and the usage chunk is
+    two cores with the servers, so its per-event work (16 streams, ~4,000 events/s) would be
+    taken from them. Only the first text chunk (TTFT) is looked for, and the usage chunk is
     read from the stream's last bytes.
     """
     started = time.perf_counter()

@@ -82,7 +82,7 @@ def export_onnx_int4(ctx: ExportContext, work: Path) -> VariantResult:
     def quantize(fp32: Path, texts: list[str]) -> dict[str, Any]:
         return onnx_int4.quantize_onnx_int4(fp32, work, texts, adapter_dir=ctx.source.adapter_dir)
 
-    return _from_builder_fp32(ctx, work, ExportFormat.onnx_int4, 4, quantize)
+    return _from_builder_fp32(ctx, work, ExportFormat.onnx_int4, quantize)
 
 
 def export_onnx_w8a8(ctx: ExportContext, work: Path) -> VariantResult:
@@ -92,16 +92,17 @@ def export_onnx_w8a8(ctx: ExportContext, work: Path) -> VariantResult:
     def quantize(fp32: Path, texts: list[str]) -> dict[str, Any]:
         return onnx_w8a8.quantize_onnx_w8a8(fp32, work, texts)
 
-    return _from_builder_fp32(ctx, work, ExportFormat.onnx_w8a8, 8, quantize)
+    return _from_builder_fp32(ctx, work, ExportFormat.onnx_w8a8, quantize)
 
 
-def _from_builder_fp32(ctx: ExportContext, work: Path, fmt: ExportFormat, bits: int,
+def _from_builder_fp32(ctx: ExportContext, work: Path, fmt: ExportFormat,
                        quantize: Callable[[Path, list[str]], dict[str, Any]]) -> VariantResult:
     """Build onnxruntime-genai's fp32 graph in a scratch folder beside `work`, then `quantize`.
 
     Starting from the builder's fp32 GroupQueryAttention graph keeps `onnx-int8`'s graph and
     `genai_config.json`, so the engine decodes the result with the KV cache updated in place,
-    as it does `onnx-int8`. The scratch folder is removed after.
+    as it does `onnx-int8`. The scratch folder is removed after. `quantize` returns the
+    report's quantization facts (method and bits included).
     """
     if ctx.merged_dir is None:
         raise RuntimeError(f"{fmt} starts from the merged folder; export merged first")
@@ -123,6 +124,6 @@ def _from_builder_fp32(ctx: ExportContext, work: Path, fmt: ExportFormat, bits: 
         shutil.rmtree(scratch, ignore_errors=True)
     warnings = [calibration["warning"]] if calibration.get("warning") else []
     return VariantResult(
-        quantization={"method": "onnxruntime", "bits": bits, **facts,
+        quantization={**facts,
                       "exporter": builder["exporter"], "graph": builder["graph"]},
         calibration=calibration, warnings=warnings)

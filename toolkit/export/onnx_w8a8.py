@@ -40,13 +40,17 @@ from toolkit.runtime.onnx_model import GENAI_CONFIG, ONNX_FILE
 ALPHA = 0.9
 #: the MatMul left weight-only (the graph output `logits`)
 LM_HEAD_OUTPUT = "logits"
+#: the calibration probe graph, written beside the source graph while ranges are measured
+PROBE_FILE = "w8a8_probe.onnx"
 W8A8_REASON = (
     "Measured on the demo fine-tune of SmolLM2-135M (2 AVX2 cores, 2 threads): per-token int8 "
     "activations without smoothing cost +17.3 % perplexity (+7.8 % from the lm_head alone); "
-    "SmoothQuant alpha 0.5 / 0.8 / 0.9 / 1.0 with a weight-only lm_head gave +3.2 / +2.5 / "
-    "+1.9 / +5.2 % (fr +2.2, en +1.2 at 0.9). Against onnx-int8 (MatMulNBits, weight-only, "
-    "+1.7 %) the GEMMs make a 16-row decode step 1.6x and a prefill 1.8-2.2x faster; one row "
-    "alone is about as fast (benchmarks/matmul_kernels.py, benchmarks/serve_throughput.py).")
+    "SmoothQuant alpha 0.8 / 0.85 / 0.9 / 0.95 with a weight-only lm_head gave +3.4 / +2.7 / "
+    "+2.6 / +3.2 % in standalone runs, and the export at 0.9 +2.2 % (fr +1.8, en +3.0), against "
+    "+1.7 % for onnx-int8 (MatMulNBits, weight-only). The GEMMs make a 16-row decode step 1.5x "
+    "and a prefill about 2x faster than onnx-int8, a single-row step ~15 % slower (more graph "
+    "nodes); served, 1.00x / 1.43x / 1.45x llama-server Q8_0 at 1 / 8 / 16 clients "
+    "(benchmarks/matmul_kernels.py, benchmarks/serve_throughput.py).")
 
 
 def quantize_onnx_w8a8(src_dir: Path, out_dir: Path, calibration_texts: list[str],
@@ -92,7 +96,7 @@ def quantize_onnx_w8a8(src_dir: Path, out_dir: Path, calibration_texts: list[str
     model = onnx.load(str(src_dir / ONNX_FILE))
     tied = untie_embedding(model)
     feeds = calibration_feeds(model, src_dir, calibration_texts)
-    ranges = input_ranges(model, feeds)
+    ranges = input_ranges(src_dir, feeds)
     rewritten = rewrite_matmuls(model, ranges, alpha)
     # what is left as a float MatMul with a constant weight is the lm_head: weight-only int8
     model = quantize_nbits(model, Int4Recipe(block_size=INT8_SETTINGS["block_size"],
@@ -119,28 +123,38 @@ def quantize_onnx_w8a8(src_dir: Path, out_dir: Path, calibration_texts: list[str
 
 
 def _weighted_matmuls(model: Any) -> list[Any]:
-    """MatMul nodes with a constant 2-D weight, but the lm_head."""
-    weights = {init.name: init for init in model.graph.initializer if len(init.dims) == 2}
+    """MatMul nodes with a constant 2-D weight, but the lm_head (reads no weight data)."""
+    weights = {init.name for init in model.graph.initializer if len(init.dims) == 2}
     return [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights
             and n.output[0] != LM_HEAD_OUTPUT]
 
 
-def input_ranges(model: Any, feeds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """max |x_j| per input channel of every weighted MatMul input, over the calibration feeds."""
+def input_ranges(src_dir: Path, feeds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """max |x_j| per input channel of every weighted MatMul input, over the calibration feeds.
+
+    The probe graph (the source graph with those inputs as extra outputs) is written beside
+    the source and reads its external weights from there: no copy of the weights in memory,
+    and no 2 GB protobuf limit for a 7B model.
+    """
+    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    probe = type(model)()
-    probe.CopyFrom(model)
-    names = sorted({n.input[0] for n in _weighted_matmuls(model)})
+    probe = onnx.load(str(Path(src_dir) / ONNX_FILE), load_external_data=False)
+    names = sorted({n.input[0] for n in _weighted_matmuls(probe)})
     probe.graph.output.extend(helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
                               for name in names)
-    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-    ranges: dict[str, np.ndarray] = {}
-    for feed in feeds:
-        for name, value in zip(names, session.run(names, feed)):
-            peak = np.abs(value).reshape(-1, value.shape[-1]).max(axis=0)
-            ranges[name] = np.maximum(ranges.get(name, peak), peak)
+    path = Path(src_dir) / PROBE_FILE
+    onnx.save_model(probe, str(path))
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        ranges: dict[str, np.ndarray] = {}
+        for feed in feeds:
+            for name, value in zip(names, session.run(names, feed)):
+                peak = np.abs(value).reshape(-1, value.shape[-1]).max(axis=0)
+                ranges[name] = np.maximum(ranges.get(name, peak), peak)
+    finally:
+        path.unlink(missing_ok=True)
     return ranges
 
 
@@ -160,27 +174,27 @@ def rewrite_matmuls(model: Any, ranges: dict[str, np.ndarray], alpha: float) -> 
 
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
-    targets = {n.output[0] for n in _weighted_matmuls(model)}  # outputs are unique
+    # by output (unique): each weight converted to an array once
+    weights = {n.output[0]: numpy_helper.to_array(initializers[n.input[1]]).astype(np.float32)
+               for n in _weighted_matmuls(model)}
     readers: dict[str, list[np.ndarray]] = {}
     for node in graph.node:
-        if node.output[0] in targets:
-            readers.setdefault(node.input[0], []).append(
-                numpy_helper.to_array(initializers[node.input[1]]).astype(np.float32))
+        if node.output[0] in weights:
+            readers.setdefault(node.input[0], []).append(weights[node.output[0]])
     factors = {name: smoothing(ranges[name], np.max([np.abs(w).max(axis=1) for w in ws], axis=0),
                                alpha) for name, ws in readers.items()}
     constants = _Constants(graph)
     quantized: dict[str, tuple[str, str]] = {}
     nodes: list[Any] = []
     for node in graph.node:
-        if node.output[0] not in targets:
+        if node.output[0] not in weights:
             nodes.append(node)
             continue
         source = node.input[0]
         if source not in quantized:
             quantized[source] = _quantize_rows(source, factors[source], constants, nodes)
         ints, row_scale = quantized[source]
-        weight = numpy_helper.to_array(initializers[node.input[1]]).astype(np.float32)
-        weight = weight * factors[source][:, None]
+        weight = weights[node.output[0]] * factors[source][:, None]
         column_scale = np.maximum(np.abs(weight).max(axis=0), 1e-12) / 127.0
         name = node.input[1]
         constants.add(f"{name}/int8", np.clip(np.round(weight / column_scale), -127, 127)
@@ -194,7 +208,7 @@ def rewrite_matmuls(model: Any, ranges: dict[str, np.ndarray], alpha: float) -> 
     kept = [init for init in graph.initializer if init.name in used]
     del graph.initializer[:]
     graph.initializer.extend(kept)
-    return len(targets)
+    return len(weights)
 
 
 class _Constants:

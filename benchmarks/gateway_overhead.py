@@ -1,6 +1,6 @@
 """The gateway's own cost: one embedded engine called in-process vs the same engine behind HTTP.
 
-    .venv/bin/python benchmarks/gateway_overhead.py --export runs/demo/exports/onnx-int8 --save
+    .venv/bin/python benchmarks/gateway_overhead.py --save   # onnx-int8 and onnx-w8a8 of runs/demo
 
 "direct" submits already-tokenized requests to the engine's `generate` (the BatchScheduler)
 in this process; "gateway" runs `toolkit serve EXPORT` (same engine, same threads) and sends
@@ -9,6 +9,10 @@ gateway adds: body parsing and validation, chat templating and tokenization, adm
 SSE encoding, metrics and the completion record, plus the HTTP client here. Both sides
 produce exactly `--max-tokens` greedy tokens per answer (ignore_eos); passes interleave
 A B B A at every client count. Overhead = 1 - gateway tok/s / direct tok/s; target < 5 %.
+Each row also carries the engine's batching counters on both sides (rows per decode step,
+prefill calls and their time, decode step time; the gateway's from its `/ready`), which tell
+a slower engine step (CPU taken by the server's event loop) from a different batching (HTTP
+arrivals a few ms apart split one prefill into two).
 `--save` writes benchmarks/results/gateway_overhead.json and re-renders the README block.
 """
 
@@ -50,6 +54,20 @@ async def direct_request(engine: Any, prepared: Any) -> Sample:
     return Sample(ttft, time.perf_counter() - started, tokens)
 
 
+#: the engine's batching counters (`/ready` on the gateway side), compared per pass
+BATCH_COUNTERS = ("steps", "prefills", "rows_decoded", "prefill_s", "decode_s")
+
+
+async def _direct_counters(engine: Any) -> dict[str, int]:
+    """The in-process engine's batching counters."""
+    return engine.status()
+
+
+async def _gateway_counters(client: httpx.AsyncClient, url: str) -> dict[str, int]:
+    """The served engine's batching counters, from its `/ready` answer."""
+    return (await client.get(f"{url}/ready")).json()
+
+
 async def run_pass(send: Any, clients: int, per_client: int) -> tuple[float, list[Sample]]:
     """`clients` concurrent clients, each sending `per_client` requests back to back."""
     async def worker(index: int) -> list[Sample]:
@@ -80,11 +98,14 @@ async def measure(engine: Any, url: str, args: argparse.Namespace) -> list[dict[
         sampling = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
         prepared[prompt] = engine.prepare(GenerationRequest(
             sampling, messages=[{"role": "user", "content": prompt}]))
-    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-    async with httpx.AsyncClient(timeout=900, limits=limits) as client:
+    async with httpx.AsyncClient(timeout=60) as client:  # for /ready's counters only
         sides = {
             "direct": lambda prompt: direct_request(engine, prepared[prompt]),
-            "gateway": lambda prompt: one_request(client, url, prompt, args.max_tokens),
+            "gateway": lambda prompt: one_request(url, prompt, args.max_tokens),
+        }
+        counters = {
+            "direct": lambda: _direct_counters(engine),
+            "gateway": lambda: _gateway_counters(client, url),
         }
         for send in sides.values():  # warm-up
             await run_pass(send, 2, 1)
@@ -92,10 +113,15 @@ async def measure(engine: Any, url: str, args: argparse.Namespace) -> list[dict[
         for clients in args.clients:
             walls = dict.fromkeys(sides, 0.0)
             samples: dict[str, list[Sample]] = {side: [] for side in sides}
+            batching = {side: dict.fromkeys(BATCH_COUNTERS, 0) for side in sides}
             for side in ("direct", "gateway", "gateway", "direct"):
+                before = await counters[side]()
                 wall, got = await run_pass(sides[side], clients, args.rounds)
+                after = await counters[side]()
                 walls[side] += wall
                 samples[side] += got
+                for key in BATCH_COUNTERS:
+                    batching[side][key] += after[key] - before[key]
             rate = {side: sum(s.tokens for s in samples[side]) / walls[side] for side in sides}
             lengths = {s.tokens for side in sides for s in samples[side]}
             row = {
@@ -108,19 +134,36 @@ async def measure(engine: Any, url: str, args: argparse.Namespace) -> list[dict[
                 "gateway_latency_p50_s": round(statistics.median(
                     s.latency_s for s in samples["gateway"]), 3),
                 "answer_tokens": sorted(lengths),
+                **{f"{side}_rows_per_step": round(batching[side]["rows_decoded"]
+                                                  / max(batching[side]["steps"], 1), 1)
+                   for side in sides},
+                **{f"{side}_prefills": batching[side]["prefills"] for side in sides},
+                **{f"{side}_prefill_s": round(batching[side]["prefill_s"], 2) for side in sides},
+                **{f"{side}_step_ms": round(1000 * batching[side]["decode_s"]
+                                            / max(batching[side]["steps"], 1), 1)
+                   for side in sides},
+                **{f"{side}_busy_pct": round(100 * (batching[side]["prefill_s"]
+                                                    + batching[side]["decode_s"]) / walls[side])
+                   for side in sides},
             }
             print(f"  c={clients:<3} direct {row['direct_tokens_per_s']:7.1f} tok/s  gateway "
                   f"{row['gateway_tokens_per_s']:7.1f} tok/s  overhead {row['overhead_pct']:+.1f} %"
-                  f"  tokens/answer {row['answer_tokens']}", flush=True)
+                  f"  tokens/answer {row['answer_tokens']}  rows/step {row['direct_rows_per_step']} vs "
+                  f"{row['gateway_rows_per_step']}  prefills {row['direct_prefills']} vs "
+                  f"{row['gateway_prefills']} ({row['direct_prefill_s']} vs "
+                  f"{row['gateway_prefill_s']} s)  step {row['direct_step_ms']} vs "
+                  f"{row['gateway_step_ms']} ms  engine busy {row['direct_busy_pct']} vs "
+                  f"{row['gateway_busy_pct']} %", flush=True)
             rows.append(row)
         return rows
 
 
-async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    engine = build_engine(args.export, args.threads, max(args.clients))
+async def run_export(export: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Both sides on one export: its in-process engine, then `toolkit serve` in a child."""
+    engine = build_engine(export, args.threads, max(args.clients))
     port = free_port()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    proc = start([sys.executable, "-m", "toolkit", "serve", str(args.export), "--port", str(port),
+    proc = start([sys.executable, "-m", "toolkit", "serve", str(export), "--port", str(port),
                   "--max-concurrency", str(max(args.clients)), "--model-name", "bench",
                   "--threads", str(args.threads), "--feedback-db",
                   str(args.workdir / "feedback.db")],
@@ -129,18 +172,28 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         await engine.start()
         url = f"http://127.0.0.1:{port}"
         await asyncio.to_thread(wait_ready, url, proc, 600, "/ready")
-        return await measure(engine, url, args)
+        return [{"export": export.name, **row} for row in await measure(engine, url, args)]
     finally:
         stop(proc)
         await engine.stop()
 
 
+async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every export in turn (one engine in memory at a time)."""
+    rows = []
+    for export in args.export:
+        print(f"{export}:", flush=True)
+        rows += await run_export(export, args)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--export", type=Path, default=REPO / "runs" / "demo" / "exports" / "onnx-int8")
+    parser.add_argument("--export", type=Path, nargs="+", default=[
+        REPO / "runs" / "demo" / "exports" / name for name in ("onnx-int8", "onnx-w8a8")])
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 16])
-    parser.add_argument("--rounds", type=int, default=2, help="requests per client per pass")
+    parser.add_argument("--rounds", type=int, default=4, help="requests per client per pass")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2, help="engine threads, both sides")
     parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "bench-overhead")
@@ -150,10 +203,10 @@ def main(argv: list[str] | None = None) -> None:
     sys.path.insert(0, str(REPO))
     from results import render_gateway_overhead, save
 
-    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; {args.export}; "
+    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; "
           f"{args.threads} engine threads; clients {args.clients}", flush=True)
     rows = run_client(run(args))
-    settings = {"export": str(args.export), "threads": args.threads, "max_tokens": args.max_tokens,
+    settings = {"exports": [str(p) for p in args.export], "threads": args.threads, "max_tokens": args.max_tokens,
                 "rounds": args.rounds, "clients": args.clients}
     print()
     print(render_gateway_overhead({"settings": settings, "rows": rows}))

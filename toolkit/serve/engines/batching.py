@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -185,6 +186,8 @@ class SchedulerStats:
     prefills: int = 0
     max_rows: int = 0
     rows_decoded: int = 0
+    prefill_s: float = 0.0  # time inside the backend's prefill and decode calls
+    decode_s: float = 0.0
 
 
 class BatchScheduler:
@@ -299,7 +302,9 @@ class BatchScheduler:
         self._chunks.append(chunk)
 
     def _admit(self, arrived: list[_Sequence]) -> None:
+        started = time.perf_counter()
         state, logits = self.backend.prefill([s.prepared.prompt_ids for s in arrived])
+        self.stats.prefill_s += time.perf_counter() - started
         self.stats.prefills += 1
         tokens = self._sample_all(arrived, logits)
         keep = [i for i, seq in enumerate(arrived) if not self._accept(seq, int(tokens[i]))]
@@ -315,7 +320,9 @@ class BatchScheduler:
             self._next = np.concatenate([self._next, tokens[keep]])
 
     def _step(self) -> None:
+        started = time.perf_counter()
         self._state, logits = self.backend.decode(self._state, self._next)
+        self.stats.decode_s += time.perf_counter() - started
         self.stats.steps += 1
         self.stats.rows_decoded += len(self._active)
         self.stats.max_rows = max(self.stats.max_rows, len(self._active))

@@ -79,6 +79,10 @@ class EmbeddedEngine:
             "state": "ready" if self.ready() else ("failed" if self._error else "loading"),
             "error": self._error,
             "steps": stats.steps if stats else 0,
+            "prefills": stats.prefills if stats else 0,
+            "rows_decoded": stats.rows_decoded if stats else 0,
+            "prefill_s": round(stats.prefill_s, 3) if stats else 0.0,
+            "decode_s": round(stats.decode_s, 3) if stats else 0.0,
             "max_rows": stats.max_rows if stats else 0,
         }
 

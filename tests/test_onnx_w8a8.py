@@ -58,8 +58,12 @@ def test_graph_scores_close_to_fp32_and_decodes(tiny_gqa_fp32: Path, w8a8) -> No
 
     graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
     ops = [n.op_type for n in graph.node]
-    # 2 layers x fused qkv/o/gate/up/down as integer GEMMs; the lm_head weight-only int8
-    assert ops.count("MatMulInteger") == facts["matmul_integer"] == 10
+    # 2 layers x qkv, o, gate+up (one GEMM over both weights), down; the lm_head weight-only
+    assert facts["matmuls_rewritten"] == 10
+    assert ops.count("MatMulInteger") == facts["matmul_integer"] == 8
+    # the smoothing is folded into the norms and up's columns; the attention output keeps a Mul
+    assert ops.count("Mul") - 2 * ops.count("MatMulInteger") == facts["smoothing_muls"] + 2 * 2 \
+        == 6
     assert ops.count("MatMulNBits") == facts["weight_only_int8"] == 1
     weights = {init.name for init in graph.initializer}
     assert not [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]
@@ -114,6 +118,75 @@ def test_smoothing_keeps_an_outlier_channel_from_flattening_the_others() -> None
         assert [n.op_type for n in model.graph.node].count("MatMulInteger") == 1
         errors[alpha] = np.abs(session.run(["y"], {"x": x})[0] - exact).max()
     assert errors[0.9] < errors[0.0] / 3, errors
+
+
+def _mlp(gamma: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> object:
+    """RMSNorm -> gate, up -> silu(gate) * up -> down: the builder's MLP."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    node = helper.make_node
+    graph = helper.make_graph(
+        [node("SimplifiedLayerNormalization", ["x", "gamma"], ["normed"], epsilon=1e-5, axis=-1),
+         node("MatMul", ["normed", "gate"], ["g"], name="/gate/MatMul"),
+         node("MatMul", ["normed", "up"], ["u"], name="/up/MatMul"),
+         node("Sigmoid", ["g"], ["sig"]), node("Mul", ["g", "sig"], ["act"]),
+         node("Mul", ["act", "u"], ["h"]),
+         node("MatMul", ["h", "down"], ["y"], name="/down/MatMul")], "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", gate.shape[0]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", down.shape[1]])],
+        [numpy_helper.from_array(value, name) for name, value in
+         (("gamma", gamma), ("gate", gate), ("up", up), ("down", down))])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def _behind_identities(model: object) -> object:
+    """The same MLP with an Identity before each MatMul input: nothing to fold into."""
+    from onnx import helper
+
+    nodes = list(model.graph.node)
+    for node in nodes:
+        if node.op_type == "MatMul":
+            node.input[0] += "/copy"
+    nodes.insert(1, helper.make_node("Identity", ["normed"], ["normed/copy"]))
+    nodes.insert(len(nodes) - 1, helper.make_node("Identity", ["h"], ["h/copy"]))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model
+
+
+def test_smoothing_folds_into_the_norm_and_up_and_gate_up_share_one_gemm() -> None:
+    """Where a constant made the input (the norm's gamma, up's columns) it carries the
+    smoothing division, no Mul is left, and the result is the one with the Muls."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(5)
+    gamma = rng.uniform(0.5, 2.0, 64).astype(np.float32)
+    gamma[3] = 40.0  # an outlier channel after the norm, as LLM norms have
+    gate, up = (rng.normal(0, 0.1, (64, 96)).astype(np.float32) for _ in range(2))
+    down = rng.normal(0, 0.1, (96, 64)).astype(np.float32)
+    up[:, 11] *= 30  # and one in the down projection's input
+    x = rng.normal(0, 1, (16, 64)).astype(np.float32)
+    normed = x / np.sqrt((x ** 2).mean(-1, keepdims=True) + 1e-5) * gamma
+    g, u = normed @ gate, normed @ up
+    ranges = {"normed": np.abs(normed).max(0), "h": np.abs(g / (1 + np.exp(-g)) * u).max(0)}
+
+    def run(model: object) -> np.ndarray:
+        session = ort.InferenceSession(model.SerializeToString(),
+                                       providers=["CPUExecutionProvider"])
+        return session.run(["y"], {"x": x})[0]
+
+    exact = run(_mlp(gamma, gate, up, down))
+    folded = _mlp(gamma, gate, up, down)
+    assert rewrite_matmuls(folded, ranges, 0.9) == 3
+    ops = [n.op_type for n in folded.graph.node]
+    assert ops.count("MatMulInteger") == 2 and ops.count("Split") == 1
+    assert not [n.name for n in folded.graph.node if n.name.endswith("/Mul_smoothed")]
+    with_muls = _behind_identities(_mlp(gamma, gate, up, down))
+    rewrite_matmuls(with_muls, {f"{k}/copy": v for k, v in ranges.items()}, 0.9)
+    assert len([n for n in with_muls.graph.node if n.name.endswith("/Mul_smoothed")]) == 2
+    got, reference = run(folded), run(with_muls)
+    np.testing.assert_allclose(got, reference, rtol=0, atol=1e-4 * np.abs(exact).max())
+    assert np.abs(got - exact).max() < 0.05 * np.abs(exact).max()
 
 
 def test_errors_name_the_fix(tiny_gqa_fp32: Path, texts: list[str], tmp_path: Path) -> None:

@@ -13,8 +13,14 @@ builder's fp32 graph (`onnx_genai`) so that every decoder MatMul does that:
   the weights is multiplied by it (exact in real numbers; it moves the range into the weights,
   which are quantized per output channel).
 - At run time each row (token) is quantized with its own scale, max|x| / 127, in standard ONNX
-  ops (uint8 around 128), so a token's result does not depend on what it is batched with.
+  ops (a blocked QuantizeLinear, a block per row, to uint8 around 128), so a token's result
+  does not depend on what it is batched with.
 - `MatMulInteger` multiplies; the int32 result times (row scale x column scale) is the output.
+  MatMuls sharing an input (gate and up) are one MatMulInteger over both weights.
+- Nodes are the single-row cost (a decode step of one request runs ~1,300 of them), so the
+  smoothing division is folded into the constant that made its input where one did (the
+  RMSNorm gammas, the up projection's columns for the down projection's input); only the
+  attention output keeps a Mul.
 
 The lm_head runs on one position per row and lost the most to activation rounding (SmolLM2:
 +7.8 % perplexity alone), so it stays weight-only MatMulNBits int8 as in `onnx-int8`. The
@@ -40,17 +46,22 @@ from toolkit.runtime.onnx_model import GENAI_CONFIG, ONNX_FILE
 ALPHA = 0.9
 #: the MatMul left weight-only (the graph output `logits`)
 LM_HEAD_OUTPUT = "logits"
+#: the graph-wide zero point (128) of the activations' QuantizeLinear, in the scales' shape
+ZERO_POINT = "/w8a8/zero_point"
+MIDDLE = "/w8a8/128"
 #: the calibration probe graph, written beside the source graph while ranges are measured
 PROBE_FILE = "w8a8_probe.onnx"
 W8A8_REASON = (
     "Measured on the demo fine-tune of SmolLM2-135M (2 AVX2 cores, 2 threads): per-token int8 "
     "activations without smoothing cost +17.3 % perplexity (+7.8 % from the lm_head alone); "
     "SmoothQuant alpha 0.8 / 0.85 / 0.9 / 0.95 with a weight-only lm_head gave +3.4 / +2.7 / "
-    "+2.6 / +3.2 % in standalone runs, and the export at 0.9 +2.2 % (fr +1.8, en +3.0), against "
-    "+1.7 % for onnx-int8 (MatMulNBits, weight-only). The GEMMs make a 16-row decode step 1.5x "
-    "and a prefill about 2x faster than onnx-int8, a single-row step ~15 % slower (more graph "
-    "nodes); served, 1.00x / 1.43x / 1.45x llama-server Q8_0 at 1 / 8 / 16 clients "
-    "(benchmarks/matmul_kernels.py, benchmarks/serve_throughput.py).")
+    "+2.6 / +3.2 % in standalone runs, and the export at 0.9 +2.2-2.4 % (fr +2.2, en +2.6), "
+    "against +1.7 % for onnx-int8 (MatMulNBits, weight-only). The GEMMs make a 16-row decode "
+    "step 1.5x and a prefill 2.5x faster than onnx-int8; a single-row step is ~4 % slower "
+    "(7.0 vs 6.7 ms: more graph nodes, 1,340 against 349). Served: 1.00x / 1.43x / 1.45x "
+    "llama-server Q8_0 at 1 / 8 / 16 clients before the graph lost 540 nodes "
+    "(benchmarks/matmul_kernels.py, benchmarks/serve_throughput.py)."
+)
 
 
 def quantize_onnx_w8a8(src_dir: Path, out_dir: Path, calibration_texts: list[str],
@@ -103,6 +114,7 @@ def quantize_onnx_w8a8(src_dir: Path, out_dir: Path, calibration_texts: list[str
                                              symmetric=INT8_SETTINGS["symmetric"]),
                            op_types=("MatMul",), bits=8)
     set_accuracy_level(model, INT8_SETTINGS["accuracy_level"])
+    ops = [n.op_type for n in model.graph.node]
     with _staged(out_dir) as stage:
         onnx.save_model(model, str(stage / ONNX_FILE), save_as_external_data=True,
                         all_tensors_to_one_file=True, location=ONNX_DATA_FILE, size_threshold=1024)
@@ -113,8 +125,11 @@ def quantize_onnx_w8a8(src_dir: Path, out_dir: Path, calibration_texts: list[str
                   "activations (MatMulInteger); lm_head weight-only int8 (MatMulNBits)",
         "bits": 8,
         "alpha": alpha,
-        "matmul_integer": rewritten,
-        "weight_only_int8": sum(n.op_type == "MatMulNBits" for n in model.graph.node),
+        "matmuls_rewritten": rewritten,
+        "matmul_integer": ops.count("MatMulInteger"),
+        # smoothing divisions left as a Mul (the others are folded into norms / up's columns)
+        "smoothing_muls": sum(n.name.endswith("/Mul_smoothed") for n in model.graph.node),
+        "weight_only_int8": ops.count("MatMulNBits"),
         "embedding": "fp32 Gather" + (" (untied from the lm_head)" if tied else ""),
         "calibration_tokens": sum(int(f["input_ids"].size) for f in feeds),
         "reason": W8A8_REASON,
@@ -168,7 +183,10 @@ def smoothing(activation_max: np.ndarray, weight_max: np.ndarray, alpha: float) 
 def rewrite_matmuls(model: Any, ranges: dict[str, np.ndarray], alpha: float) -> int:
     """Replace every weighted MatMul but the lm_head by its smoothed W8A8 form; their count.
 
-    MatMuls sharing an input (gate and up) share its smoothing and its quantized copy.
+    MatMuls reading the same input (gate and up) share its smoothing and its quantized copy,
+    and run as one MatMulInteger over their concatenated weights, split after. A smoothing
+    division is folded into the constant that produced its input where one does (a norm's
+    gamma, the up projection's columns; `_fold_smoothing`), so it costs no node.
     """
     from onnx import numpy_helper
 
@@ -177,31 +195,25 @@ def rewrite_matmuls(model: Any, ranges: dict[str, np.ndarray], alpha: float) -> 
     # by output (unique): each weight converted to an array once
     weights = {n.output[0]: numpy_helper.to_array(initializers[n.input[1]]).astype(np.float32)
                for n in _weighted_matmuls(model)}
-    readers: dict[str, list[np.ndarray]] = {}
+    groups: dict[str, list[Any]] = {}
     for node in graph.node:
         if node.output[0] in weights:
-            readers.setdefault(node.input[0], []).append(weights[node.output[0]])
-    factors = {name: smoothing(ranges[name], np.max([np.abs(w).max(axis=1) for w in ws], axis=0),
-                               alpha) for name, ws in readers.items()}
+            groups.setdefault(node.input[0], []).append(node)
+    factors = {source: smoothing(ranges[source], np.max(
+        [np.abs(weights[n.output[0]]).max(axis=1) for n in group], axis=0), alpha)
+        for source, group in groups.items()}
+    folded = _fold_smoothing(graph, groups, factors, weights)
     constants = _Constants(graph)
-    quantized: dict[str, tuple[str, str]] = {}
     nodes: list[Any] = []
     for node in graph.node:
-        if node.output[0] not in weights:
+        group = groups.get(node.input[0]) if node.output[0] in weights else None
+        if group is None:
             nodes.append(node)
-            continue
-        source = node.input[0]
-        if source not in quantized:
-            quantized[source] = _quantize_rows(source, factors[source], constants, nodes)
-        ints, row_scale = quantized[source]
-        weight = weights[node.output[0]] * factors[source][:, None]
-        column_scale = np.maximum(np.abs(weight).max(axis=0), 1e-12) / 127.0
-        name = node.input[1]
-        constants.add(f"{name}/int8", np.clip(np.round(weight / column_scale), -127, 127)
-                      .astype(np.int8))
-        constants.add(f"{name}/scale", column_scale.astype(np.float32))
-        nodes += _integer_matmul(node.name or node.output[0], ints, row_scale, name, node.output[0],
-                                 constants)
+        elif node is group[0]:  # the whole group at its first MatMul: its input exists here
+            ints, row_scale = _quantize_rows(node.input[0], factors[node.input[0]], constants,
+                                             nodes, smooth=node.input[0] not in folded)
+            nodes += _integer_matmul(group, [weights[n.output[0]] * factors[node.input[0]][:, None]
+                                             for n in group], ints, row_scale, constants)
     del graph.node[:]
     graph.node.extend(nodes)
     used = {name for node in graph.node for name in node.input}
@@ -209,6 +221,49 @@ def rewrite_matmuls(model: Any, ranges: dict[str, np.ndarray], alpha: float) -> 
     del graph.initializer[:]
     graph.initializer.extend(kept)
     return len(weights)
+
+
+#: norms whose output is `x * gamma` (per channel): gamma's input index
+NORM_GAMMA = {"SimplifiedLayerNormalization": 1, "SkipSimplifiedLayerNormalization": 2}
+
+
+def _fold_smoothing(graph: Any, groups: dict[str, list[Any]], factors: dict[str, np.ndarray],
+                    weights: dict[str, np.ndarray]) -> set[str]:
+    """Divide by the smoothing factors where the input is made; the inputs so folded.
+
+    - the output of an RMSNorm (`NORM_GAMMA`) read only by the group: gamma / s;
+    - `act(gate) * up` read only by the group (the down projection's input), with `up` a
+      rewritten MatMul read only there: up's weight columns / s.
+    Anything else (the attention output: its channels are grouped-query heads) keeps a Mul.
+    """
+    from onnx import numpy_helper
+
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    producers = {out: node for node in graph.node for out in node.output}
+    initializers = {init.name: init for init in graph.initializer}
+    folded = set()
+    for source, group in groups.items():
+        producer = producers.get(source)
+        if producer is None or readers[source] != len(group):
+            continue
+        if producer.op_type in NORM_GAMMA and producer.output[0] == source:
+            gamma = initializers.get(producer.input[NORM_GAMMA[producer.op_type]])
+            if gamma is None or readers[gamma.name] != 1:
+                continue
+            value = numpy_helper.to_array(gamma)
+            gamma.CopyFrom(numpy_helper.from_array((value / factors[source]).astype(value.dtype),
+                                                   gamma.name))
+            folded.add(source)
+        elif producer.op_type == "Mul":
+            up = next((name for name in producer.input
+                       if name in weights and readers[name] == 1), None)
+            if up is not None:
+                weights[up] = weights[up] / factors[source][None, :]
+                folded.add(source)
+    return folded
 
 
 class _Constants:
@@ -228,44 +283,74 @@ class _Constants:
 
 
 def _quantize_rows(source: str, factors: np.ndarray, constants: _Constants,
-                   nodes: list[Any]) -> tuple[str, str]:
-    """Nodes turning `source` (rows x channels) into uint8 rows and their scales (rows x 1)."""
-    from onnx import TensorProto, helper
+                   nodes: list[Any], smooth: bool) -> tuple[str, str]:
+    """Nodes turning `source` (rows x channels) into uint8 rows and their scales (rows x 1).
+
+    One blocked QuantizeLinear (a block per row) rounds and shifts; its zero point, 128 in the
+    scales' shape, is made once for the graph (every decoder MatMul input has the same rows).
+    """
+    from onnx import helper
 
     q = f"{source}/w8a8"
-    inverse = constants.add(f"{q}/inverse_smoothing", (1.0 / factors).astype(np.float32))
     axes = constants.add("/w8a8/last_axis", np.array([-1], dtype=np.int64))
     tiny = constants.add("/w8a8/tiny", np.array(1e-12, dtype=np.float32))
     levels = constants.add("/w8a8/127", np.array(127.0, dtype=np.float32))
-    middle = constants.add("/w8a8/128", np.array(128.0, dtype=np.float32))
-    step = [("Mul", [source, inverse], "smoothed", {}),
-            ("Abs", [f"{q}/smoothed"], "abs", {}),
-            ("ReduceMax", [f"{q}/abs", axes], "max", {"keepdims": 1}),
-            ("Max", [f"{q}/max", tiny], "max_nonzero", {}),
-            ("Div", [f"{q}/max_nonzero", levels], "scale", {}),
-            ("Div", [f"{q}/smoothed", f"{q}/scale"], "scaled", {}),
-            ("Round", [f"{q}/scaled"], "rounded", {}),
-            ("Add", [f"{q}/rounded", middle], "shifted", {}),
-            ("Cast", [f"{q}/shifted"], "uint8", {"to": TensorProto.UINT8})]
+    step = []
+    smoothed = source
+    if smooth:
+        inverse = constants.add(f"{q}/inverse_smoothing", (1.0 / factors).astype(np.float32))
+        step.append(("Mul", [source, inverse], "smoothed", {}))
+        smoothed = f"{q}/smoothed"
+    step += [("Abs", [smoothed], "abs", {}),
+             ("ReduceMax", [f"{q}/abs", axes], "max", {"keepdims": 1}),
+             ("Max", [f"{q}/max", tiny], "max_nonzero", {}),
+             ("Div", [f"{q}/max_nonzero", levels], "scale", {})]
     for op, inputs, output, attributes in step:
         nodes.append(helper.make_node(op, inputs, [f"{q}/{output}"], name=f"{q}/{op}_{output}",
                                       **attributes))
+    if ZERO_POINT not in constants.names:
+        middle = constants.add(MIDDLE, np.array(128, dtype=np.uint8))
+        nodes += [helper.make_node("Shape", [f"{q}/scale"], ["/w8a8/rows_shape"],
+                                   name="/w8a8/Shape_rows"),
+                  helper.make_node("Expand", [middle, "/w8a8/rows_shape"], [ZERO_POINT],
+                                   name="/w8a8/Expand_zero_point")]
+        constants.names.add(ZERO_POINT)
+    nodes.append(helper.make_node("QuantizeLinear", [smoothed, f"{q}/scale", ZERO_POINT],
+                                  [f"{q}/uint8"], name=f"{q}/QuantizeLinear", axis=-1,
+                                  block_size=len(factors)))
     return f"{q}/uint8", f"{q}/scale"
 
 
-def _integer_matmul(name: str, ints: str, row_scale: str, weight: str, output: str,
+def _integer_matmul(group: list[Any], smoothed: list[np.ndarray], ints: str, row_scale: str,
                     constants: _Constants) -> list[Any]:
-    """MatMulInteger (zero point 128 for the activations) and the float rescale to `output`."""
+    """One MatMulInteger over the group's int8 weights, rescaled, split back to its outputs.
+
+    Each weight column gets its own scale (max |w| / 127). The int32 result is cast, then
+    multiplied by the row (token) scales and the column scales: a per-axis DequantizeLinear
+    would do the cast and the columns in one node but ran 3.7x slower at 720 rows.
+    """
     from onnx import TensorProto, helper
 
-    zero = constants.add("/w8a8/zero_point", np.array(128, dtype=np.uint8))
-    return [
-        helper.make_node("MatMulInteger", [ints, f"{weight}/int8", zero], [f"{name}/int32"],
+    name = group[0].name or group[0].output[0]
+    weight = np.concatenate(smoothed, axis=1)
+    column_scale = (np.maximum(np.abs(weight).max(axis=0), 1e-12) / 127.0).astype(np.float32)
+    ints8 = constants.add(f"{name}/int8", np.clip(np.round(weight / column_scale), -127, 127)
+                          .astype(np.int8))
+    scale = constants.add(f"{name}/column_scale", column_scale)
+    zero = constants.add(MIDDLE, np.array(128, dtype=np.uint8))
+    fused = len(group) > 1
+    out = f"{name}/rescaled" if fused else group[0].output[0]
+    nodes = [
+        helper.make_node("MatMulInteger", [ints, ints8, zero], [f"{name}/int32"],
                          name=f"{name}/MatMulInteger"),
         helper.make_node("Cast", [f"{name}/int32"], [f"{name}/float"], name=f"{name}/Cast",
                          to=TensorProto.FLOAT),
         helper.make_node("Mul", [f"{name}/float", row_scale], [f"{name}/rows"],
                          name=f"{name}/RowScale"),
-        helper.make_node("Mul", [f"{name}/rows", f"{weight}/scale"], [output],
-                         name=f"{name}/ColumnScale"),
+        helper.make_node("Mul", [f"{name}/rows", scale], [out], name=f"{name}/ColumnScale"),
     ]
+    if fused:
+        sizes = constants.add(f"{name}/split", np.array([w.shape[1] for w in smoothed], np.int64))
+        nodes.append(helper.make_node("Split", [out, sizes], [n.output[0] for n in group],
+                                      name=f"{name}/Split", axis=-1))
+    return nodes

@@ -276,7 +276,9 @@ def render_serve_throughput(data: dict[str, Any]) -> str:
                if (setup, lo) in by and (setup, hi) in by]
     lines += ["", f"{hi} clients / {lo}: {', '.join(scaling)}.", "",
               (f"{settings['threads']} threads per server, greedy, {settings['max_tokens']}-token "
-               f"answers (ignore_eos), {settings['rounds']} request(s) per client per pass, passes "
+               f"answers (ignore_eos), {settings['rounds']} request(s) per client per pass"
+               + (f" and at least {settings['min_requests']} per pass" if "min_requests" in settings
+                  else "") + ", passes "
                f"interleaved A B .. B A; llama.cpp {settings['llama_cpp']} built from source. "
                "Targets: toolkit >= 1.0x llama-server at the same bit width; "
                f"{hi} clients >= 3x one.")]

@@ -262,6 +262,15 @@ def vllm_setups(args: argparse.Namespace) -> list[Setup]:
             Setup("vllm direct", "vllm", "fp32", direct)]
 
 
+def requests_per_client(clients: int, args: argparse.Namespace) -> int:
+    """`--rounds`, raised so that a pass sends at least `--min-requests` requests.
+
+    One client's pass of 2 requests lasted ~1.2 s: the machine's drift between passes (10-20 %
+    on these shared cores) then decided the one-client ratios.
+    """
+    return max(args.rounds, -(-args.min_requests // clients))
+
+
 def measure(setups: list[Setup], args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every setup at every level, in passes A B C .. C B A so drift hits all alike."""
     for setup in setups:  # warm-up: first requests load kernels and caches
@@ -269,8 +278,9 @@ def measure(setups: list[Setup], args: argparse.Namespace) -> list[dict[str, Any
     rows = []
     for clients in args.clients:
         tallies = {setup.name: Tally() for setup in setups}
+        per_client = requests_per_client(clients, args)
         for turn, setup in enumerate(setups + setups[::-1]):
-            wall, samples = run_client(run_pass(setup.url, clients, args.rounds, args.max_tokens,
+            wall, samples = run_client(run_pass(setup.url, clients, per_client, args.max_tokens,
                                                  offset=turn))
             tallies[setup.name].wall_s += wall
             tallies[setup.name].samples += samples
@@ -297,6 +307,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         choices=list(llama_server.QUANTS))
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 16])
     parser.add_argument("--rounds", type=int, default=2, help="requests per client per pass")
+    parser.add_argument("--min-requests", type=int, default=16,
+                        help="requests per pass at least (more per client at low client counts)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2, help="threads of every server")
     parser.add_argument("--vllm-python", type=Path, default=os.environ.get("TOOLKIT_VLLM_PYTHON"),
@@ -321,7 +333,8 @@ def main(argv: list[str] | None = None) -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; {args.threads} threads "
           f"per server; {args.max_tokens} tokens per answer (ignore_eos); clients {args.clients}; "
-          f"{args.rounds} request(s) per client per pass, 2 passes", flush=True)
+          f"{args.rounds} request(s) per client per pass (at least {args.min_requests} per "
+          "pass), 2 passes", flush=True)
     setups: list[Setup] = []
     try:
         setups += [toolkit_setup(export, args) for export in args.toolkit]
@@ -338,7 +351,8 @@ def main(argv: list[str] | None = None) -> None:
             if setup.proc is not None:
                 stop(setup.proc)
     settings = {"run": str(args.run), "threads": args.threads, "max_tokens": args.max_tokens,
-                "rounds": args.rounds, "passes": 2, "clients": args.clients,
+                "rounds": args.rounds, "min_requests": args.min_requests, "passes": 2,
+                "clients": args.clients,
                 "llama_cpp": f"b{llama_server.LLAMA_TAG}",
                 "llama_cmake": llama_server.cmake_options(llama_server.cpu_flags())}
     unequal = [r for r in rows if r["answer_tokens"] != [args.max_tokens] * 2]

@@ -138,10 +138,20 @@ def test_concurrent_greedy_equals_sequential(tiny_gateway):
             for p in PROMPTS]
     scheduler = tiny_gateway.app.state.gateway.engine.scheduler
     before = scheduler.stats.max_rows
+    counted = httpx.get(f"{url}/ready").json()
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         together = list(pool.map(lambda p: chat(url, p, max_tokens=12, temperature=0), PROMPTS * 2))
     assert [r["choices"][0]["message"]["content"] for r in together] == solo * 2
     assert max(before, scheduler.stats.max_rows) >= 2  # requests really shared decode steps
+    # /ready's batching counters: what benchmarks/gateway_overhead.py compares across sides
+    after = httpx.get(f"{url}/ready").json()
+    steps = after["steps"] - counted["steps"]
+    answered = sum(r["usage"]["completion_tokens"] for r in together)
+    assert 1 <= after["prefills"] - counted["prefills"] <= len(together)
+    # every token but each request's first (from its prefill) came from a decode step's row
+    assert after["rows_decoded"] - counted["rows_decoded"] >= answered - len(together)
+    assert steps < answered - len(together)  # rows shared steps
+    assert after["decode_s"] > counted["decode_s"] and after["prefill_s"] > counted["prefill_s"]
 
 
 def test_seed_makes_sampling_reproducible(tiny_gateway):

@@ -239,9 +239,8 @@ def _fold_smoothing(graph: Any, groups: dict[str, list[Any]], factors: dict[str,
     from onnx import numpy_helper
 
     readers: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers[name] = readers.get(name, 0) + 1
+    for name in [n for node in graph.node for n in node.input] + [o.name for o in graph.output]:
+        readers[name] = readers.get(name, 0) + 1  # a graph output is read too: never changed
     producers = {out: node for node in graph.node for out in node.output}
     initializers = {init.name: init for init in graph.initializer}
     folded = set()

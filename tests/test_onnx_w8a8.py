@@ -58,13 +58,15 @@ def test_graph_scores_close_to_fp32_and_decodes(tiny_gqa_fp32: Path, w8a8) -> No
 
     graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
     ops = [n.op_type for n in graph.node]
-    # 2 layers x qkv, o, gate+up (one GEMM over both weights), down; the lm_head weight-only
-    assert facts["matmuls_rewritten"] == 10
-    assert ops.count("MatMulInteger") == facts["matmul_integer"] == 8
-    # the smoothing is folded into the norms and up's columns; the attention output keeps a Mul
-    assert ops.count("Mul") - 2 * ops.count("MatMulInteger") == facts["smoothing_muls"] + 2 * 2 \
-        == 6
-    assert ops.count("MatMulNBits") == facts["weight_only_int8"] == 1
+    # 2 layers x qkv, gate+up (one GEMM over both weights), down; the lm_head and the attention
+    # output projections weight-only
+    assert facts["matmuls_rewritten"] == 8
+    assert ops.count("MatMulInteger") == facts["matmul_integer"] == 6
+    # every smoothing is folded into a norm or up's columns: the Muls left are the activation's
+    # two and each GEMM's row and column scales
+    assert facts["smoothing_muls"] == 0
+    assert ops.count("Mul") == 2 * ops.count("MatMulInteger") + 2 * 2
+    assert ops.count("MatMulNBits") == facts["weight_only_int8"] == 1 + 2
     weights = {init.name for init in graph.initializer}
     assert not [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]
     assert facts["alpha"] == ALPHA and facts["calibration_tokens"] > 0 and facts["reason"]

@@ -17,13 +17,15 @@ builder's fp32 graph (`onnx_genai`) so that every decoder MatMul does that:
   does not depend on what it is batched with.
 - `MatMulInteger` multiplies; the int32 result times (row scale x column scale) is the output.
   MatMuls sharing an input (gate and up) are one MatMulInteger over both weights.
-- Nodes are the single-row cost (a decode step of one request runs ~1,300 of them), so the
-  smoothing division is folded into the constant that made its input where one did (the
-  RMSNorm gammas, the up projection's columns for the down projection's input); only the
-  attention output keeps a Mul.
+- Nodes are the single-row cost (a decode step of one request runs ~1,070 of them), so the
+  smoothing division is folded into the constant that made its input (the RMSNorm gammas,
+  the up projection's columns for the down projection's input): it costs no node.
 
-The lm_head runs on one position per row and lost the most to activation rounding (SmolLM2:
-+7.8 % perplexity alone), so it stays weight-only MatMulNBits int8 as in `onnx-int8`. The
+Two MatMuls stay weight-only MatMulNBits int8, as in `onnx-int8`: the lm_head, which runs on
+one position per row and lost the most to activation rounding (SmolLM2: +7.8 % perplexity
+alone), and the attention output projection (`ATTENTION_OPS`' outputs: their channels are
+grouped-query heads, so no constant can carry their smoothing, and quantizing them cost 0.5
+points of perplexity for ~9 % of a layer's multiply-adds; see `W8A8_REASON`). The
 graph keeps the builder's inputs, outputs and `genai_config.json`: the engine serves it with
 the KV cache updated in place, like `onnx-int8`. Measured on the demo fine-tune: see
 `W8A8_REASON`.
@@ -46,6 +48,8 @@ from toolkit.runtime.onnx_model import GENAI_CONFIG, ONNX_FILE
 ALPHA = 0.9
 #: the MatMul left weight-only (the graph output `logits`)
 LM_HEAD_OUTPUT = "logits"
+#: ops whose output feeds a projection left weight-only (the attention output projection)
+ATTENTION_OPS = ("GroupQueryAttention", "MultiHeadAttention", "Attention")
 #: the graph-wide zero point (128) of the activations' QuantizeLinear, in the scales' shape
 ZERO_POINT = "/w8a8/zero_point"
 MIDDLE = "/w8a8/128"
@@ -55,12 +59,14 @@ W8A8_REASON = (
     "Measured on the demo fine-tune of SmolLM2-135M (2 AVX2 cores, 2 threads): per-token int8 "
     "activations without smoothing cost +17.3 % perplexity (+7.8 % from the lm_head alone); "
     "SmoothQuant alpha 0.8 / 0.85 / 0.9 / 0.95 with a weight-only lm_head gave +3.4 / +2.7 / "
-    "+2.6 / +3.2 % in standalone runs, and the export at 0.9 +2.2-2.4 % (fr +2.2, en +2.6), "
-    "against +1.7 % for onnx-int8 (MatMulNBits, weight-only). The GEMMs make a 16-row decode "
-    "step 1.5x and a prefill 2.5x faster than onnx-int8; a single-row step is ~4 % slower "
-    "(7.0 vs 6.7 ms: more graph nodes, 1,340 against 349). Served: 1.00x / 1.43x / 1.45x "
-    "llama-server Q8_0 at 1 / 8 / 16 clients before the graph lost 540 nodes "
-    "(benchmarks/matmul_kernels.py, benchmarks/serve_throughput.py)."
+    "+2.6 / +3.2 % in standalone runs; with every projection W8A8 but the lm_head the export "
+    "at 0.9 measured +2.2-2.4 %, and leaving one projection type weight-only: attention output "
+    "+1.8 % (fr +1.3, en +2.8), down +2.7 %, qkv +2.9 %; so the attention output stays "
+    "weight-only, for a 16-prompt prefill 15 % and a 16-row decode step 5 % slower (688 vs "
+    "598 ms, 31.1 vs 29.6 ms) and a single-row step 3 % faster (6.8 vs 7.1 ms; onnx-int8 7.1). "
+    "Against onnx-int8 (MatMulNBits, weight-only, +1.7 %) the GEMMs make a 16-row decode step "
+    "1.5x and a prefill 2.1x faster (benchmarks/matmul_kernels.py, "
+    "benchmarks/serve_throughput.py)."
 )
 
 
@@ -109,7 +115,8 @@ def quantize_onnx_w8a8(src_dir: Path, out_dir: Path, calibration_texts: list[str
     feeds = calibration_feeds(model, src_dir, calibration_texts)
     ranges = input_ranges(src_dir, feeds)
     rewritten = rewrite_matmuls(model, ranges, alpha)
-    # what is left as a float MatMul with a constant weight is the lm_head: weight-only int8
+    # what is left as a float MatMul with a constant weight (lm_head, attention output): int8
+    # weight-only
     model = quantize_nbits(model, Int4Recipe(block_size=INT8_SETTINGS["block_size"],
                                              symmetric=INT8_SETTINGS["symmetric"]),
                            op_types=("MatMul",), bits=8)
@@ -122,12 +129,13 @@ def quantize_onnx_w8a8(src_dir: Path, out_dir: Path, calibration_texts: list[str
         shutil.copy2(src_dir / GENAI_CONFIG, stage / GENAI_CONFIG)
     return {
         "method": "SmoothQuant W8A8: per-channel int8 weights, per-token dynamic int8 "
-                  "activations (MatMulInteger); lm_head weight-only int8 (MatMulNBits)",
+                  "activations (MatMulInteger); lm_head and attention output projections "
+                  "weight-only int8 (MatMulNBits)",
         "bits": 8,
         "alpha": alpha,
         "matmuls_rewritten": rewritten,
         "matmul_integer": ops.count("MatMulInteger"),
-        # smoothing divisions left as a Mul (the others are folded into norms / up's columns)
+        # smoothing divisions left as a Mul (where no norm or up projection can carry them)
         "smoothing_muls": sum(n.name.endswith("/Mul_smoothed") for n in model.graph.node),
         "weight_only_int8": ops.count("MatMulNBits"),
         "embedding": "fp32 Gather" + (" (untied from the lm_head)" if tied else ""),
@@ -138,10 +146,12 @@ def quantize_onnx_w8a8(src_dir: Path, out_dir: Path, calibration_texts: list[str
 
 
 def _weighted_matmuls(model: Any) -> list[Any]:
-    """MatMul nodes with a constant 2-D weight, but the lm_head (reads no weight data)."""
+    """MatMul nodes with a constant 2-D weight to rewrite: not the lm_head, not one reading an
+    attention op's output (reads no weight data)."""
     weights = {init.name for init in model.graph.initializer if len(init.dims) == 2}
+    attention = {out for n in model.graph.node if n.op_type in ATTENTION_OPS for out in n.output}
     return [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights
-            and n.output[0] != LM_HEAD_OUTPUT]
+            and n.output[0] != LM_HEAD_OUTPUT and n.input[0] not in attention]
 
 
 def input_ranges(src_dir: Path, feeds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

@@ -58,6 +58,15 @@ async def direct_request(engine: Any, prepared: Any) -> Sample:
 BATCH_COUNTERS = ("steps", "prefills", "rows_decoded", "prefill_s", "decode_s")
 
 
+def batching_summary(counts: dict[str, float], wall_s: float) -> dict[str, float]:
+    """One side's counters over its passes: rows per step, prefills, step time, engine busy."""
+    steps = max(counts["steps"], 1)
+    return {"rows_per_step": round(counts["rows_decoded"] / steps, 1),
+            "prefills": counts["prefills"], "prefill_s": round(counts["prefill_s"], 2),
+            "step_ms": round(1000 * counts["decode_s"] / steps, 1),
+            "busy_pct": round(100 * (counts["prefill_s"] + counts["decode_s"]) / wall_s)}
+
+
 async def _direct_counters(engine: Any) -> dict[str, int]:
     """The in-process engine's batching counters."""
     return engine.status()
@@ -134,17 +143,8 @@ async def measure(engine: Any, url: str, args: argparse.Namespace) -> list[dict[
                 "gateway_latency_p50_s": round(statistics.median(
                     s.latency_s for s in samples["gateway"]), 3),
                 "answer_tokens": sorted(lengths),
-                **{f"{side}_rows_per_step": round(batching[side]["rows_decoded"]
-                                                  / max(batching[side]["steps"], 1), 1)
-                   for side in sides},
-                **{f"{side}_prefills": batching[side]["prefills"] for side in sides},
-                **{f"{side}_prefill_s": round(batching[side]["prefill_s"], 2) for side in sides},
-                **{f"{side}_step_ms": round(1000 * batching[side]["decode_s"]
-                                            / max(batching[side]["steps"], 1), 1)
-                   for side in sides},
-                **{f"{side}_busy_pct": round(100 * (batching[side]["prefill_s"]
-                                                    + batching[side]["decode_s"]) / walls[side])
-                   for side in sides},
+                **{f"{side}_{key}": value for side in sides
+                   for key, value in batching_summary(batching[side], walls[side]).items()},
             }
             print(f"  c={clients:<3} direct {row['direct_tokens_per_s']:7.1f} tok/s  gateway "
                   f"{row['gateway_tokens_per_s']:7.1f} tok/s  overhead {row['overhead_pct']:+.1f} %"

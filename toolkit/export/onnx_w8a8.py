@@ -276,7 +276,7 @@ def _fold_smoothing(graph: Any, groups: dict[str, list[Any]], factors: dict[str,
 
 
 class _Constants:
-    """Initializers added to a graph, each once."""
+    """Initializers added to a graph, and tensors made once for the whole graph, each once."""
 
     def __init__(self, graph: Any) -> None:
         self.graph = graph
@@ -289,6 +289,13 @@ class _Constants:
             self.graph.initializer.append(numpy_helper.from_array(value, name))
             self.names.add(name)
         return name
+
+    def first(self, name: str) -> bool:
+        """True the first time `name` is asked for: its nodes are to be made now."""
+        if name in self.names:
+            return False
+        self.names.add(name)
+        return True
 
 
 def _quantize_rows(source: str, factors: np.ndarray, constants: _Constants,
@@ -317,13 +324,12 @@ def _quantize_rows(source: str, factors: np.ndarray, constants: _Constants,
     for op, inputs, output, attributes in step:
         nodes.append(helper.make_node(op, inputs, [f"{q}/{output}"], name=f"{q}/{op}_{output}",
                                       **attributes))
-    if ZERO_POINT not in constants.names:
+    if constants.first(ZERO_POINT):
         middle = constants.add(MIDDLE, np.array(128, dtype=np.uint8))
         nodes += [helper.make_node("Shape", [f"{q}/scale"], ["/w8a8/rows_shape"],
                                    name="/w8a8/Shape_rows"),
                   helper.make_node("Expand", [middle, "/w8a8/rows_shape"], [ZERO_POINT],
                                    name="/w8a8/Expand_zero_point")]
-        constants.names.add(ZERO_POINT)
     nodes.append(helper.make_node("QuantizeLinear", [smoothed, f"{q}/scale", ZERO_POINT],
                                   [f"{q}/uint8"], name=f"{q}/QuantizeLinear", axis=-1,
                                   block_size=len(factors)))

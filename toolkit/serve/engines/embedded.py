@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict
 from typing import Any, Literal
 
 from toolkit.serve.engines.base import (
@@ -18,7 +19,7 @@ from toolkit.serve.engines.base import (
     PreparedRequest,
     context_error_message,
 )
-from toolkit.serve.engines.batching import BatchScheduler, StepBackend
+from toolkit.serve.engines.batching import BatchScheduler, SchedulerStats, StepBackend
 from toolkit.serve.protocol import OpenAIError
 
 log = logging.getLogger("toolkit.serve")
@@ -74,16 +75,12 @@ class EmbeddedEngine:
 
     def status(self) -> dict[str, Any]:
         """State and batching counters."""
-        stats = self.scheduler.stats if self.scheduler else None
+        stats = asdict(self.scheduler.stats if self.scheduler else SchedulerStats())
         return {
             "state": "ready" if self.ready() else ("failed" if self._error else "loading"),
             "error": self._error,
-            "steps": stats.steps if stats else 0,
-            "prefills": stats.prefills if stats else 0,
-            "rows_decoded": stats.rows_decoded if stats else 0,
-            "prefill_s": round(stats.prefill_s, 3) if stats else 0.0,
-            "decode_s": round(stats.decode_s, 3) if stats else 0.0,
-            "max_rows": stats.max_rows if stats else 0,
+            **{key: round(value, 3) if isinstance(value, float) else value
+               for key, value in stats.items()},
         }
 
     def _decode(self, tokens: list[int]) -> str:

@@ -261,6 +261,7 @@ def serve(
     gpu_memory_utilization: float | None = _setting("gpu_memory_utilization"),
     max_model_len: int | None = _setting("max_model_len"),
     threads: int | None = _setting("threads"),
+    prefix_cache_mb: int = _setting("prefix_cache_mb"),
     max_tokens_default: int = _setting("max_tokens_default"),
     body_timeout_s: float = _setting("body_timeout_s"),
     shutdown_timeout_s: float = _setting("shutdown_timeout_s"),

@@ -26,6 +26,7 @@ import numpy as np
 
 from toolkit.runtime.onnx_model import LOGIT_POSITIONS
 from toolkit.runtime.onnx_steps import OrtKvLayout
+from toolkit.runtime.prefix_cache import CachedBlock, PrefixCache
 
 #: rows and positions the first arena of a batch holds before it grows (doubling)
 MIN_ROWS = 4
@@ -51,24 +52,39 @@ class KvArena:
         """Positions per row this arena can hold."""
         return self.buffers[0].shape[2]
 
-    def binding(self, rows: int) -> Any:
-        """An IO binding with the first `rows` rows bound as both past and present (cached)."""
-        if rows not in self._bindings:
+    def binding(self, rows: int, first: int = 0) -> Any:
+        """An IO binding with rows [first, first + rows) bound as both past and present (cached)."""
+        if (first, rows) not in self._bindings:
             import onnxruntime as ort
 
             binding = self.backend.session.io_binding()
             for past, present, buffer in zip(self.backend.past_names, self.backend.present_names,
                                              self.buffers):
-                value = ort.OrtValue.ortvalue_from_numpy(buffer[:rows])  # a contiguous prefix
+                # consecutive rows of a C-ordered array: one contiguous block
+                value = ort.OrtValue.ortvalue_from_numpy(buffer[first:first + rows])
                 binding.bind_ortvalue_input(past, value)
                 binding.bind_ortvalue_output(present, value)
-            self._bindings[rows] = binding
-        return self._bindings[rows]
+            self._bindings[first, rows] = binding
+        return self._bindings[first, rows]
 
     def copy_row(self, source: KvArena, src: int, dst: int, length: int) -> None:
         """Copy the first `length` cached positions of row `src` of `source` into row `dst`."""
         for mine, theirs in zip(self.buffers, source.buffers):
             mine[dst, :, :length] = theirs[src, :, :length]
+
+    def read(self, row: int, start: int, stop: int) -> list[np.ndarray]:
+        """A copy of positions [start, stop) of `row`, one array per cache tensor."""
+        return [buffer[row, :, start:stop].copy() for buffer in self.buffers]
+
+    def write(self, row: int, blocks: list[CachedBlock]) -> int:
+        """Put cached blocks at the start of `row`, one after another; the positions filled."""
+        start = 0
+        for block in blocks:
+            stop = start + block.kv[0].shape[1]
+            for buffer, values in zip(self.buffers, block.kv):
+                buffer[row, :, start:stop] = values
+            start = stop
+        return start
 
 
 @dataclass
@@ -95,15 +111,18 @@ class SharedKvStepBackend(OrtKvLayout):
     Args:
         lm: an `OnnxCausalLM` whose graph `is_shared_kv`.
         capacity: cached positions per row (prompt + answer); the serving context length.
+        prefix_cache: where prompts' KV blocks are kept and looked up (serving); None prefills
+            every prompt whole (export's measurements, which must time the whole prompt).
     """
 
     can_merge = True
 
-    def __init__(self, lm: Any, capacity: int) -> None:
+    def __init__(self, lm: Any, capacity: int, prefix_cache: PrefixCache | None = None) -> None:
         super().__init__(lm)
         self.logit_positions = lm.has_logit_positions
         self.vocab = lm.vocab_size
         self.capacity = int(capacity)
+        self.prefix_cache = prefix_cache
 
     def _length_for(self, needed: int) -> int:
         """Arena positions for `needed` tokens: a power of two from MIN_LENGTH, <= capacity."""
@@ -124,14 +143,15 @@ class SharedKvStepBackend(OrtKvLayout):
         return grown
 
     def _run(self, arena: KvArena, ids: np.ndarray, lengths: np.ndarray,
-             last: np.ndarray) -> np.ndarray:
-        """One session run over the first len(ids) rows of `arena` (physical order).
+             last: np.ndarray, first: int = 0) -> np.ndarray:
+        """One session run over rows [first, first + len(ids)) of `arena` (physical order).
 
-        Returns the logits of each row at its position `last` (batch, vocab). A graph with
-        `LOGIT_POSITIONS` computes only those: a prompt's other positions would cost the
-        lm_head (a fifth of a 135M model's prefill) and a (rows, prompt, vocab) float array.
+        `lengths` are the rows' lengths after the run; a row's cache holds the positions before
+        its `ids`. Returns the logits of each row at its input position `last` (batch, vocab).
+        A graph with `LOGIT_POSITIONS` computes only those: a prompt's other positions would
+        cost the lm_head (a fifth of a 135M model's prefill) and a (rows, prompt, vocab) array.
         """
-        binding = arena.binding(len(ids))
+        binding = arena.binding(len(ids), first)
         width = int(lengths.max())
         mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
         if self.logit_positions:
@@ -149,14 +169,36 @@ class SharedKvStepBackend(OrtKvLayout):
         return logits[np.arange(len(ids)), last]
 
     def prefill(self, prompts: list[list[int]]) -> tuple[SharedKvState, np.ndarray]:
-        """Right-pad the prompts into a new arena: rows attend to their own length only."""
+        """Prefill the prompts into a new arena; rows attend to their own length only.
+
+        Prompts without a cached prefix run as one right-padded batch in the first rows; each
+        prompt with one gets its cached blocks copied in and runs only the rest, alone
+        (GroupQueryAttention takes several new tokens after a cache for one row at a time).
+        """
         lengths = np.array([len(p) for p in prompts], dtype=np.int64)
-        ids = np.zeros((len(prompts), int(lengths.max())), dtype=np.int64)
-        for row, prompt in enumerate(prompts):
-            ids[row, :len(prompt)] = prompt
         arena = KvArena(self, max(len(prompts), MIN_ROWS), self._length_for(int(lengths.max())))
-        logits = self._run(arena, ids, lengths, lengths - 1)
-        return SharedKvState(arena, np.arange(len(prompts)), lengths), logits
+        cache = self.prefix_cache
+        matches = [cache.match(p) if cache is not None else [] for p in prompts]
+        cold = [i for i, blocks in enumerate(matches) if not blocks]
+        order = cold + [i for i, blocks in enumerate(matches) if blocks]  # physical row -> prompt
+        logits = np.empty((len(prompts), self.vocab), dtype=np.float32)
+        if cold:
+            ids = np.zeros((len(cold), int(lengths[cold].max())), dtype=np.int64)
+            for row, i in enumerate(cold):
+                ids[row, :len(prompts[i])] = prompts[i]
+            logits[cold] = self._run(arena, ids, lengths[cold], lengths[cold] - 1)
+        for row in range(len(cold), len(prompts)):
+            i = order[row]
+            cached = arena.write(row, matches[i])
+            ids = np.asarray([prompts[i][cached:]], dtype=np.int64)
+            logits[i] = self._run(arena, ids, lengths[i:i + 1],
+                                  np.array([len(ids[0]) - 1]), first=row)[0]
+        if cache is not None:
+            for row, i in enumerate(order):
+                cache.store(prompts[i], lambda start, stop, row=row: arena.read(row, start, stop))
+        slots = np.empty(len(prompts), dtype=np.int64)
+        slots[order] = np.arange(len(prompts))
+        return SharedKvState(arena, slots, lengths), logits
 
     def decode(self, state: SharedKvState, tokens: np.ndarray) -> tuple[SharedKvState, np.ndarray]:
         """One token per logical row; the arena is updated in place."""

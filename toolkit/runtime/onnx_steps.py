@@ -97,18 +97,23 @@ class OrtStepBackend(OrtKvLayout):
         return OrtState(past, mask, np.concatenate([first.next_pos, second.next_pos]))
 
 
-def step_backend(lm: Any, capacity: int | None = None) -> Any:
+def step_backend(lm: Any, capacity: int | None = None, prefix_cache_bytes: int = 0) -> Any:
     """The `StepBackend` for this graph: in-place KV for builder graphs, else `OrtStepBackend`.
 
     Args:
         lm: an `OnnxCausalLM`.
         capacity: tokens per sequence (prompt + answer) a builder graph's KV buffers hold;
             None takes the graph's own context length (memory is committed as it is used).
+        prefix_cache_bytes: a builder graph's prompt-prefix KV cache budget (0: none). The
+            optimum graph has none: its cache is rewritten by every step's Concat anyway.
     """
     if lm.is_shared_kv:
         from toolkit.runtime.onnx_shared_kv import SharedKvStepBackend
+        from toolkit.runtime.prefix_cache import PrefixCache
 
-        return SharedKvStepBackend(lm, capacity or lm.context_length or DEFAULT_CONTEXT_LENGTH)
+        cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
+        return SharedKvStepBackend(lm, capacity or lm.context_length or DEFAULT_CONTEXT_LENGTH,
+                                   prefix_cache=cache)
     return OrtStepBackend(lm)
 
 

@@ -62,7 +62,8 @@ def _onnxruntime(settings: ServeSettings, served: ServedModel) -> Engine:
     from toolkit.serve.engines.onnx_engine import build_onnx_engine
 
     return build_onnx_engine(engine_info(settings, served, EngineChoice.onnxruntime), served.path,
-                             settings.batch_rows, settings.engine_threads)
+                             settings.batch_rows, settings.engine_threads,
+                             prefix_cache_bytes=settings.prefix_cache_mb << 20)
 
 
 def _vllm(settings: ServeSettings, served: ServedModel) -> Engine:

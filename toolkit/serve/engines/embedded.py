@@ -74,13 +74,15 @@ class EmbeddedEngine:
         return self.scheduler is not None and self.scheduler.alive()
 
     def status(self) -> dict[str, Any]:
-        """State and batching counters."""
+        """State, batching counters and, when the backend keeps one, its prefix cache's."""
         stats = asdict(self.scheduler.stats if self.scheduler else SchedulerStats())
+        cache = getattr(self.scheduler.backend, "prefix_cache", None) if self.scheduler else None
         return {
             "state": "ready" if self.ready() else ("failed" if self._error else "loading"),
             "error": self._error,
             **{key: round(value, 3) if isinstance(value, float) else value
                for key, value in stats.items()},
+            **({"prefix_cache": asdict(cache.stats)} if cache is not None else {}),
         }
 
     def _decode(self, tokens: list[int]) -> str:

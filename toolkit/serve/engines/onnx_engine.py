@@ -19,9 +19,13 @@ from toolkit.serve.engines.base import EngineInfo
 from toolkit.serve.engines.embedded import EmbeddedEngine
 
 
-def build_onnx_engine(info: EngineInfo, path: Path, max_batch: int,
-                      threads: int | None) -> EmbeddedEngine:
+def build_onnx_engine(info: EngineInfo, path: Path, max_batch: int, threads: int | None,
+                      prefix_cache_bytes: int = 0) -> EmbeddedEngine:
     """An `EmbeddedEngine` that opens the ONNX export when started.
+
+    Args:
+        prefix_cache_bytes: budget of the prompt-prefix KV cache (`runtime.prefix_cache`) of a
+            builder graph; 0 prefills every prompt whole.
 
     Raises (at start):
         MissingExtraError: onnxruntime is not installed (pip install 'toolkit[onnx]').
@@ -37,6 +41,7 @@ def build_onnx_engine(info: EngineInfo, path: Path, max_batch: int,
         tokenizer = load_tokenizer(path)
         eos = eos_token_ids(tokenizer, generation_config(path))
         # the KV buffers hold the served context: nothing longer is admitted (EmbeddedEngine)
-        return tokenizer, step_backend(lm, capacity=info.max_model_len), frozenset(eos)
+        return tokenizer, step_backend(lm, capacity=info.max_model_len,
+                                       prefix_cache_bytes=prefix_cache_bytes), frozenset(eos)
 
     return EmbeddedEngine(info, load, max_batch)

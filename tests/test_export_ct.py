@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from tests.artifact_builders import make_export
@@ -253,3 +254,32 @@ def test_real_vllm_serves_a_ct_w8a8_export(tmp_path, monkeypatch, export_data) -
         body = httpx.post(f"{live.base_url}/v1/completions", timeout=300, json={
             "prompt": "Bonjour", "max_tokens": 8, "temperature": 0}).json()
         assert body["choices"][0]["text"] is not None and body["usage"]["completion_tokens"] >= 1
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(REAL_LLMCOMPRESSOR is None,
+                    reason="no llmcompressor venv: bash scripts/setup-llmcompressor-venv.sh")
+def test_real_ct_w4a16_is_asymmetric_and_scored_from_its_zero_points(
+        tmp_path, monkeypatch, tiny_run) -> None:  # noqa: F811
+    """llmcompressor writes packed zero points that compressed-tensors 0.20's default loading
+    route refuses (size mismatch); the export must still load, verify and score it."""
+    from safetensors import safe_open
+
+    from toolkit.export import run_export
+    from toolkit.runtime.loading import load_export
+
+    monkeypatch.setenv("TOOLKIT_LLMCOMPRESSOR_PYTHON", REAL_LLMCOMPRESSOR)
+    result = run_export(tiny_run, ["ct-w4a16"], out=tmp_path / "exports")
+    outcome = result.outcome("ct-w4a16")
+    assert outcome.status == "ok", outcome.reason
+    weights = json.loads((outcome.path / "config.json").read_text())[
+        "quantization_config"]["config_groups"]["group_0"]["weights"]
+    assert weights["symmetric"] is False and weights["group_size"] == 32
+    with safe_open(outcome.path / "model.safetensors", "np") as tensors:
+        zero_points = [k for k in tensors.keys() if k.endswith("weight_zero_point")]
+        assert zero_points and tensors.get_tensor(zero_points[0]).dtype.kind == "i"
+    report = outcome.report
+    assert report.quantization["symmetric"] is False and report.verification["generate_ok"]
+    # scored from the dequantized zero-point weights: a finite, nonzero distance from merged
+    assert 0 < report.verification["max_abs_logit_diff"] < float("inf")
+    assert np.isfinite(report.perplexity_delta_pct["overall"])

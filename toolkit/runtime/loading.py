@@ -133,6 +133,8 @@ def load_transformers_model(path: Path, fmt: ExportFormat = ExportFormat.merged,
         kwargs["dtype"] = torch.float32
     else:
         kwargs["dtype"] = "auto"
+    if fmt == ExportFormat.ct_w4a16:
+        kwargs["quantization_config"] = _dequantizing_config()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -144,6 +146,22 @@ def load_transformers_model(path: Path, fmt: ExportFormat = ExportFormat.merged,
         _bnb_compute_fp32(model)
     model.eval()
     return model
+
+
+def _dequantizing_config() -> Any:
+    """Load a weight-only compressed-tensors checkpoint as dense weights (its exact values).
+
+    The default route builds the compressed modules on the meta device and loads the tensors
+    into them; compressed-tensors 0.20.1 sizes an asymmetric checkpoint's zero points there
+    unpacked ([out, groups]) while the file holds them packed ([out / 8, groups]), so it
+    refuses every asymmetric W4A16 export (the ones vLLM loads). With `dequantize`, each
+    tensor is unpacked and dequantized as it loads: the same weights the compressed modules
+    would decompress on their first forward. (W8A8 keeps the default route: its int8
+    activations are simulated there, and dense weights would score it as weight-only.)
+    """
+    from transformers import CompressedTensorsConfig
+
+    return CompressedTensorsConfig(dequantize=True)
 
 
 def _bnb_compute_fp32(model: Any) -> None:

@@ -192,4 +192,6 @@ def test_gateway_serves_it_like_the_old_path(tiny_gqa_dir, tiny_onnx_dir):
             now = list(pool.map(lambda a: chat(live.base_url, a[0], max_tokens=a[1],
                                                temperature=0), zip(PROMPTS, lengths)))
         assert [a["choices"][0]["message"] for a in now] == before
+        cache = live.app.state.gateway.engine.status()["prefix_cache"]  # what /ready shows
+        assert cache["prompts"] == len(PROMPTS) and cache["blocks"] >= 1
         check_disconnect_leaves_the_batch(live.base_url, scheduler)

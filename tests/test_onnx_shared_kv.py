@@ -192,6 +192,16 @@ def test_gateway_serves_it_like_the_old_path(tiny_gqa_dir, tiny_onnx_dir):
             now = list(pool.map(lambda a: chat(live.base_url, a[0], max_tokens=a[1],
                                                temperature=0), zip(PROMPTS, lengths)))
         assert [a["choices"][0]["message"] for a in now] == before
-        cache = live.app.state.gateway.engine.status()["prefix_cache"]  # what /ready shows
+        engine = live.app.state.gateway.engine
+        cache = engine.status()["prefix_cache"]  # what /ready shows
         assert cache["prompts"] == len(PROMPTS) and cache["blocks"] >= 1
+
+        def reused(salt: str) -> int:
+            """Tokens the prefix cache reused for one request sent with `salt`."""
+            before = engine.status()["prefix_cache"]["tokens_reused"]
+            chat(live.base_url, "la même longue question " * 8, max_tokens=2, cache_salt=salt)
+            return engine.status()["prefix_cache"]["tokens_reused"] - before
+
+        assert reused("tenant-a") == 0 and reused("tenant-b") == 0  # tenants share nothing
+        assert reused("tenant-a") > 0
         check_disconnect_leaves_the_batch(live.base_url, scheduler)

@@ -44,6 +44,18 @@ def test_a_prompt_reuses_the_full_blocks_of_a_common_start_and_runs_its_last_tok
     assert cache.stats.tokens_reused == 8 + 4 + 4 + 8
 
 
+def test_a_salt_scopes_reuse_to_the_prompts_stored_under_it():
+    cache = PrefixCache(1 << 20, block=BLOCK)
+    tokens = list(range(9))
+    cache.store(tokens, _reader(tokens), salt="tenant-a")
+    assert _matched(cache, tokens) == []  # unsalted prompts do not see tenant-a's blocks
+    assert cache.match(tokens, salt="tenant-b") == []
+    assert [int(v) for b in cache.match(tokens, salt="tenant-a") for v in b.kv[0][0, :, 0]] == \
+        list(range(8))
+    _store(cache, tokens)  # the same tokens unsalted: blocks of their own
+    assert cache.stats.blocks == 4 and _matched(cache, tokens) == list(range(8))
+
+
 def test_eviction_keeps_the_budget_and_drops_children_before_their_parents():
     block_bytes = BLOCK * 2 * 4  # (1, BLOCK, 2) float32
     cache = PrefixCache(3 * block_bytes, block=BLOCK)
@@ -92,3 +104,8 @@ def test_backend_with_the_cache_gives_the_logits_and_tokens_of_whole_prefills(ti
         state, logits = cached.decode(state, tokens)
         ref_state, ref = plain.decode(ref_state, tokens)
         np.testing.assert_allclose(logits, ref, atol=1e-4)
+    # a salt keeps a prompt off blocks cached without it, and its logits the same
+    reused = cached.prefix_cache.stats.tokens_reused
+    _, logits = cached.prefill(later[:1], ["tenant-a"])
+    assert cached.prefix_cache.stats.tokens_reused == reused
+    np.testing.assert_allclose(logits, plain.prefill(later[:1])[1], atol=1e-4)

@@ -121,6 +121,9 @@ BAD_REQUESTS = [
     (json.dumps({**CHAT, "min_tokens": True}).encode(), 400, "min_tokens"),
     (json.dumps({**CHAT, "max_tokens": 4, "min_tokens": 5}).encode(), 400, "min_tokens"),
     (json.dumps({**CHAT, "max_completion_tokens": 4, "min_tokens": 5}).encode(), 400, "min_tokens"),
+    (json.dumps({**CHAT, "cache_salt": ""}).encode(), 400, "cache_salt"),
+    (json.dumps({**CHAT, "cache_salt": "x" * 257}).encode(), 400, "cache_salt"),
+    (json.dumps({**CHAT, "cache_salt": 7}).encode(), 400, "cache_salt"),
 ]
 
 

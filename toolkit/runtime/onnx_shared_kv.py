@@ -168,7 +168,8 @@ class SharedKvStepBackend(OrtKvLayout):
             return logits[:, 0]
         return logits[np.arange(len(ids)), last]
 
-    def prefill(self, prompts: list[list[int]]) -> tuple[SharedKvState, np.ndarray]:
+    def prefill(self, prompts: list[list[int]],
+                cache_salts: list[str | None] | None = None) -> tuple[SharedKvState, np.ndarray]:
         """Prefill the prompts into a new arena; rows attend to their own length only.
 
         Prompts without a cached prefix run as one right-padded batch in the first rows; each
@@ -178,7 +179,9 @@ class SharedKvStepBackend(OrtKvLayout):
         lengths = np.array([len(p) for p in prompts], dtype=np.int64)
         arena = KvArena(self, max(len(prompts), MIN_ROWS), self._length_for(int(lengths.max())))
         cache = self.prefix_cache
-        matches = [cache.match(p) if cache is not None else [] for p in prompts]
+        salts = cache_salts or [None] * len(prompts)
+        matches = [cache.match(p, salt) if cache is not None else []
+                   for p, salt in zip(prompts, salts)]
         cold = [i for i, blocks in enumerate(matches) if not blocks]
         order = cold + [i for i, blocks in enumerate(matches) if blocks]  # physical row -> prompt
         logits = np.empty((len(prompts), self.vocab), dtype=np.float32)
@@ -195,7 +198,8 @@ class SharedKvStepBackend(OrtKvLayout):
                                   np.array([len(ids[0]) - 1]), first=row)[0]
         if cache is not None:
             for row, i in enumerate(order):
-                cache.store(prompts[i], lambda start, stop, row=row: arena.read(row, start, stop))
+                cache.store(prompts[i], lambda start, stop, row=row: arena.read(row, start, stop),
+                            salts[i])
         slots = np.empty(len(prompts), dtype=np.int64)
         slots[order] = np.arange(len(prompts))
         return SharedKvState(arena, slots, lengths), logits

@@ -59,7 +59,8 @@ class OrtStepBackend(OrtKvLayout):
         outputs = self.session.run(["logits", *self.present_names], feed)
         return outputs[1:], np.asarray(outputs[0][:, -1], dtype=np.float32)
 
-    def prefill(self, prompts: list[list[int]]) -> tuple[OrtState, np.ndarray]:
+    def prefill(self, prompts: list[list[int]],
+                cache_salts: list[str | None] | None = None) -> tuple[OrtState, np.ndarray]:
         ids, mask = left_pad(prompts)
         positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int64)
         empty = [np.zeros((len(prompts), self.kv_heads, 0, self.head_dim), dtype=self.kv_dtype)

@@ -10,6 +10,10 @@ share the blocks of their common start. Keys hold the tokens themselves, not a h
 collision can hand a prompt another prompt's cache. A block's keys and values depend only on the
 tokens up to its end (causal attention), so reusing them is exact.
 
+A shared cache is a timing channel: a prompt whose start another user sent is answered sooner.
+A salt (vLLM's `cache_salt`, e.g. one per tenant) is the parent of a prompt's first block, so
+prompts share blocks only with prompts of the same salt.
+
 The store is bounded in bytes and evicts the least recently used block; a lookup refreshes a
 chain deepest block first, so a parent is always fresher than its children and is never evicted
 before them (an evicted parent would strand its children, unreachable, until they aged out).
@@ -65,15 +69,16 @@ class PrefixCache:
         self.budget_bytes = int(budget_bytes)
         self.block = int(block)
         self.stats = PrefixCacheStats()
-        self._blocks: OrderedDict[tuple[int, tuple[int, ...]], CachedBlock] = OrderedDict()
-        self._ids = itertools.count(1)  # 0 is the root: the parent of a prompt's first block
+        # key: (parent block id, or the root: the salt, 0 for none; the block's tokens)
+        self._blocks: OrderedDict[tuple[int | str, tuple[int, ...]], CachedBlock] = OrderedDict()
+        self._ids = itertools.count(1)
 
-    def match(self, tokens: Sequence[int]) -> list[CachedBlock]:
-        """The cached blocks `tokens` starts with, leaving at least one token to run (its logits
-        pick the first answer token)."""
+    def match(self, tokens: Sequence[int], salt: str | None = None) -> list[CachedBlock]:
+        """The blocks cached under `salt` that `tokens` starts with, leaving at least one token
+        to run (its logits pick the first answer token)."""
         found: list[CachedBlock] = []
         keys = []
-        parent = 0
+        parent: int | str = 0 if salt is None else salt
         for start in range(0, len(tokens) - 1 - self.block + 1, self.block):
             key = (parent, tuple(tokens[start:start + self.block]))
             cached = self._blocks.get(key)
@@ -90,10 +95,11 @@ class PrefixCache:
         self.stats.tokens_reused += len(found) * self.block
         return found
 
-    def store(self, tokens: Sequence[int], read: KvReader) -> None:
-        """Cache every full block of `tokens` not cached yet, reading its KV with `read`."""
+    def store(self, tokens: Sequence[int], read: KvReader, salt: str | None = None) -> None:
+        """Cache every full block of `tokens` not cached under `salt` yet, reading its KV with
+        `read`."""
         keys = []
-        parent = 0
+        parent: int | str = 0 if salt is None else salt
         for start in range(0, len(tokens) - self.block + 1, self.block):
             key = (parent, tuple(tokens[start:start + self.block]))
             cached = self._blocks.get(key)

@@ -25,8 +25,13 @@ class StepBackend(Protocol):
     #: waves: those arriving while a batch runs wait until it ends)
     can_merge: bool
 
-    def prefill(self, prompts: list[list[int]]) -> tuple[Any, np.ndarray]:
-        """Run left-padded prompts; return the state and last-position logits (n, vocab)."""
+    def prefill(self, prompts: list[list[int]],
+                cache_salts: list[str | None] | None = None) -> tuple[Any, np.ndarray]:
+        """Run the prompts; return the state and last-position logits (n, vocab).
+
+        `cache_salts` scope a backend's prompt-prefix cache per prompt (a prompt reuses only
+        prefixes cached under its salt); a backend without such a cache ignores them.
+        """
 
     def decode(self, state: Any, tokens: np.ndarray) -> tuple[Any, np.ndarray]:
         """Feed one token per row; return the new state and logits (n, vocab)."""

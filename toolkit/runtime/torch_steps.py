@@ -51,7 +51,8 @@ class TorchStepBackend:
         logits = out.logits[:, -1, :].float().cpu().numpy()
         return getattr(out, self._cache_arg), logits
 
-    def prefill(self, prompts: list[list[int]]) -> tuple[TorchState, np.ndarray]:
+    def prefill(self, prompts: list[list[int]],
+                cache_salts: list[str | None] | None = None) -> tuple[TorchState, np.ndarray]:
         torch = self.torch
         from transformers import DynamicCache
 

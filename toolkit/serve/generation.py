@@ -77,8 +77,8 @@ def to_generation_request(req: ChatCompletionRequest | CompletionRequest,
     )
     if isinstance(req, ChatCompletionRequest):
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        return GenerationRequest(sampling, messages=messages)
-    return GenerationRequest(sampling, prompt=req.prompt_text())
+        return GenerationRequest(sampling, messages=messages, cache_salt=req.cache_salt)
+    return GenerationRequest(sampling, prompt=req.prompt_text(), cache_salt=req.cache_salt)
 
 
 class _Run:

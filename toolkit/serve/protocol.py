@@ -29,6 +29,8 @@ MAX_STOP_STRINGS = 4
 #: matching is linear in it, but each one is held back from a stream until it is ruled out and
 #: costs its length in setup per request, so it is bounded well above any real use.
 MAX_STOP_CHARS = 1000
+#: Longest `cache_salt`: a tenant key or a hash of one, kept with every cached block's key
+MAX_CACHE_SALT_CHARS = 256
 
 
 def _no_bool(value: Any) -> Any:
@@ -151,6 +153,11 @@ class _GenerationFields(BaseModel):
     min_tokens: StrictInt = Field(
         default=0, ge=0, description="vLLM's extra field: neither the end-of-sequence token nor "
         "a stop string ends the answer before this many tokens.")
+    cache_salt: str | None = Field(
+        default=None, min_length=1, max_length=MAX_CACHE_SALT_CHARS,
+        description="vLLM's extra field: a prompt reuses cached prompt prefixes only from "
+        "requests with the same salt (give each tenant its own), so nobody can time whether "
+        "another tenant sent a prompt; without it, requests share the cache.")
 
     @field_validator("stop")
     @classmethod

@@ -50,6 +50,8 @@ class GenerationRequest:
     sampling: SamplingParams
     messages: list[dict[str, str]] | None = None
     prompt: str | None = None
+    #: scopes prompt-prefix reuse (vLLM's `cache_salt`): None shares it with every request
+    cache_salt: str | None = None
 
 
 @dataclass

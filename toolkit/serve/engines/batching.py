@@ -303,7 +303,8 @@ class BatchScheduler:
 
     def _admit(self, arrived: list[_Sequence]) -> None:
         started = time.perf_counter()
-        state, logits = self.backend.prefill([s.prepared.prompt_ids for s in arrived])
+        state, logits = self.backend.prefill([s.prepared.prompt_ids for s in arrived],
+                                             [s.prepared.request.cache_salt for s in arrived])
         self.stats.prefill_s += time.perf_counter() - started
         self.stats.prefills += 1
         tokens = self._sample_all(arrived, logits)

@@ -110,7 +110,8 @@ async def measure(engine: Any, url: str, args: argparse.Namespace) -> list[dict[
     async with httpx.AsyncClient(timeout=60) as client:  # for /ready's counters only
         sides = {
             "direct": lambda prompt: direct_request(engine, prepared[prompt]),
-            "gateway": lambda prompt: one_request(url, prompt, args.max_tokens),
+            "gateway": lambda prompt: one_request(url, [{"role": "user", "content": prompt}],
+                                                  args.max_tokens),
         }
         counters = {
             "direct": lambda: _direct_counters(engine),

@@ -280,9 +280,18 @@ def render_serve_throughput(data: dict[str, Any]) -> str:
                + (f" and at least {settings['min_requests']} per pass" if "min_requests" in settings
                   else "") + ", passes "
                f"interleaved A B .. B A; llama.cpp {settings['llama_cpp']} built from source. "
+               + _prompt_cache_sentence(settings.get("prompt_cache")) +
                "Targets: toolkit >= 1.0x llama-server at the same bit width; "
                f"{hi} clients >= 3x one.")]
     return "\n".join(lines)
+
+
+def _prompt_cache_sentence(mode: str | None) -> str:
+    """How the run's prompts met the servers' prompt caches (runs before the switch: off)."""
+    if mode == "on":
+        return ("Requests: the run's system prompt and a question no other request repeats; "
+                "prompt caches on (toolkit prefix cache, llama-server cache_prompt). ")
+    return "Prompt caches off (six user-only prompts, repeated). "
 
 
 def render_gateway_overhead(data: dict[str, Any]) -> str:

@@ -16,9 +16,12 @@ Setups, all started first and then measured in interleaved passes (A B C C B A) 
 
 Every request streams a chat completion, greedy, `max_tokens` 64 with `ignore_eos`, so every
 answer has exactly 64 tokens (checked from each answer's usage: greedy llama.cpp stops early
-on about half of these prompts otherwise), with llama-server's prompt cache off per request
-(`cache_prompt: false`: the six prompts repeat, and its slots would skip their prefill while
-the toolkit, which has no prompt cache, computes every one). tokens/s = completion tokens of a level / its wall
+on about half of these prompts otherwise). Requests look like the assistant's: the run's
+system prompt, then a user question that no other request repeats (one of six, numbered), so
+a prompt cache can reuse the shared start (chat template and system prompt) and nothing else.
+`--prompt-cache on` (default) lets both servers do so (the toolkit's prefix cache,
+llama-server's `cache_prompt`); `off` makes both prefill every prompt whole.
+tokens/s = completion tokens of a level / its wall
 time; latency = a request's whole time; TTFT = first text chunk. Every server gets the same
 thread count (--threads, default 2). Ratios compare the same bit width: int8 vs Q8_0, 4-bit vs
 Q4_1 and Q4_K_M. Targets (issue 15): toolkit >= 1.0x llama-server at every level; 16 clients
@@ -114,7 +117,19 @@ TEXT_DELTA = re.compile(rb'"delta": *\{[^}]*"content": *"[^"]')
 TAIL_BYTES = 8192
 
 
-async def one_request(url: str, prompt: str, max_tokens: int) -> Sample:
+#: the system prompt when the reference export's report names none
+SYSTEM_PROMPT = ("You are a careful hospital assistant for staff. Answer in the language of the "
+                 "question, follow the institution's protocols, and never invent patient data.")
+
+
+def chat_messages(system: str | None, prompt: str, number: int) -> list[dict[str, str]]:
+    """A request's messages: the system prompt, then the question numbered so no two repeat."""
+    user = {"role": "user", "content": f"({number:06d}) {prompt}"}
+    return [{"role": "system", "content": system}, user] if system else [user]
+
+
+async def one_request(url: str, messages: list[dict[str, str]], max_tokens: int,
+                      cache_prompt: bool = False) -> Sample:
     """One streamed greedy chat completion of exactly `max_tokens` tokens (ignore_eos).
 
     A bare HTTP/1.1 exchange on a new connection (`Connection: close`, read to EOF), with the
@@ -130,13 +145,12 @@ async def one_request(url: str, prompt: str, max_tokens: int) -> Sample:
     started = time.perf_counter()
     ttft = None
     body = json.dumps({
-        "model": "bench", "messages": [{"role": "user", "content": prompt}], "stream": True,
+        "model": "bench", "messages": messages, "stream": True,
         "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
         "stream_options": {"include_usage": True},
-        # llama-server reuses a slot's cached prompt prefix (these prompts repeat), which
-        # skips most of its prefill; the toolkit prefills every prompt, so compare engines
-        # on equal work (the toolkit ignores the field)
-        "cache_prompt": False}).encode()
+        # llama-server's per-request switch of its slots' prompt prefix reuse (the toolkit's
+        # cache is a server setting, and it ignores the field)
+        "cache_prompt": cache_prompt}).encode()
     host, _, port = url.removeprefix("http://").partition(":")
     reader, writer = await asyncio.open_connection(host, int(port))
     try:
@@ -171,11 +185,19 @@ def stream_usage(tail: bytes) -> int | None:
 
 
 async def run_pass(url: str, clients: int, per_client: int, max_tokens: int,
-                   offset: int) -> tuple[float, list[Sample]]:
-    """`clients` concurrent clients, each sending `per_client` requests back to back."""
+                   offset: int, args: argparse.Namespace) -> tuple[float, list[Sample]]:
+    """`clients` concurrent clients, each sending `per_client` requests back to back.
+
+    Request k of client i in pass `offset` asks question number (offset, i, k), written in
+    six digits (equal token counts): unique within a server's run, and the same questions for
+    every server at the same pass offset.
+    """
     async def worker(index: int) -> list[Sample]:
-        return [await one_request(url, PROMPTS[(offset + index + k) % len(PROMPTS)], max_tokens)
-                for k in range(per_client)]
+        return [await one_request(
+            url, chat_messages(args.system_prompt, PROMPTS[(offset + index + k) % len(PROMPTS)],
+                               (offset * 1000 + index) * 100 + k),
+            max_tokens, cache_prompt=args.prompt_cache == "on")
+            for k in range(per_client)]
 
     started = time.perf_counter()
     done = await asyncio.gather(*(worker(i) for i in range(clients)))
@@ -227,6 +249,8 @@ def toolkit_setup(export: Path, args: argparse.Namespace) -> Setup:
     command = [sys.executable, "-m", "toolkit", "serve", str(export), "--port", str(port),
                "--max-concurrency", str(max(args.clients)), "--model-name", "bench",
                "--threads", str(args.threads), "--feedback-db", str(args.workdir / "feedback.db")]
+    if args.prompt_cache == "off":
+        command += ["--prefix-cache-mb", "0"]
     proc = start(command, args.workdir / f"toolkit-{export.name}.log",
                  env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(args.threads)})
     return Setup(f"toolkit {fmt}", "toolkit", BITS.get(fmt, fmt), f"http://127.0.0.1:{port}", proc)
@@ -274,14 +298,15 @@ def requests_per_client(clients: int, args: argparse.Namespace) -> int:
 def measure(setups: list[Setup], args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every setup at every level, in passes A B C .. C B A so drift hits all alike."""
     for setup in setups:  # warm-up: first requests load kernels and caches
-        run_client(run_pass(setup.url, 2, 1, 8, 0))
+        run_client(run_pass(setup.url, 2, 1, 8, 0, args))
     rows = []
-    for clients in args.clients:
+    for level, clients in enumerate(args.clients):
         tallies = {setup.name: Tally() for setup in setups}
         per_client = requests_per_client(clients, args)
         for turn, setup in enumerate(setups + setups[::-1]):
+            half = turn // len(setups)  # both halves ask each server new questions
             wall, samples = run_client(run_pass(setup.url, clients, per_client, args.max_tokens,
-                                                 offset=turn))
+                                                 offset=2 * level + half, args=args))
             tallies[setup.name].wall_s += wall
             tallies[setup.name].samples += samples
         for setup in setups:
@@ -310,6 +335,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--min-requests", type=int, default=16,
                         help="requests per pass at least (more per client at low client counts)")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--prompt-cache", choices=["on", "off"], default="on",
+                        help="both servers reuse cached prompt prefixes (the toolkit's prefix "
+                             "cache, llama-server's cache_prompt), or neither does")
     parser.add_argument("--threads", type=int, default=2, help="threads of every server")
     parser.add_argument("--vllm-python", type=Path, default=os.environ.get("TOOLKIT_VLLM_PYTHON"),
                         help="add the vLLM setups (interpreter of a venv with vllm)")
@@ -319,6 +347,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="write benchmarks/results/serve_throughput.json and the README block")
     args = parser.parse_args(argv)
     args.reference = args.reference or args.run / "exports" / "merged"
+    report = args.reference / "export_report.json"
+    args.system_prompt = (json.loads(report.read_text(encoding="utf-8")).get("system_prompt")
+                          if report.is_file() else None) or SYSTEM_PROMPT
     if args.toolkit is None:
         args.toolkit = [args.run / "exports" / name for name in DEFAULT_EXPORTS
                         if (args.run / "exports" / name).is_dir()]
@@ -352,6 +383,7 @@ def main(argv: list[str] | None = None) -> None:
                 stop(setup.proc)
     settings = {"run": str(args.run), "threads": args.threads, "max_tokens": args.max_tokens,
                 "rounds": args.rounds, "min_requests": args.min_requests, "passes": 2,
+                "prompt_cache": args.prompt_cache, "system_prompt": args.system_prompt,
                 "clients": args.clients,
                 "llama_cpp": f"b{llama_server.LLAMA_TAG}",
                 "llama_cmake": llama_server.cmake_options(llama_server.cpu_flags())}

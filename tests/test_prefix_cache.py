@@ -67,6 +67,23 @@ def test_eviction_keeps_the_budget_and_drops_children_before_their_parents():
     assert _matched(cache, [7] * 4 + [1]) == [7] * 4
 
 
+def test_a_prompt_longer_than_the_budget_keeps_its_first_blocks_within_it():
+    block_bytes = BLOCK * 2 * 4
+    cache = PrefixCache(3 * block_bytes, block=BLOCK)
+    _store(cache, [9] * 8)  # two blocks of an older prompt
+    peak = 0
+
+    def read(start: int, stop: int) -> list[np.ndarray]:
+        nonlocal peak
+        peak = max(peak, cache.stats.bytes)
+        return _reader(list(range(40)))(start, stop)
+
+    cache.store(list(range(40)), read)  # ten blocks for a budget of three
+    assert max(peak, cache.stats.bytes) <= 3 * block_bytes
+    assert _matched(cache, list(range(40))) == list(range(12))  # its start, not its end
+    assert _matched(cache, [9] * 9) == []  # the older prompt made room
+
+
 def test_a_block_over_the_budget_is_not_kept():
     cache = PrefixCache(8, block=BLOCK)
     _store(cache, list(range(8)))

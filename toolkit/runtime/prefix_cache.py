@@ -98,25 +98,39 @@ class PrefixCache:
     def store(self, tokens: Sequence[int], read: KvReader, salt: str | None = None) -> None:
         """Cache every full block of `tokens` not cached under `salt` yet, reading its KV with
         `read`."""
-        keys = []
+        keys: list[tuple[int | str, tuple[int, ...]]] = []
+        chain = set()
         parent: int | str = 0 if salt is None else salt
         for start in range(0, len(tokens) - self.block + 1, self.block):
             key = (parent, tuple(tokens[start:start + self.block]))
             cached = self._blocks.get(key)
             if cached is None:
                 cached = CachedBlock(next(self._ids), read(start, start + self.block))
-                size = sum(a.nbytes for a in cached.kv)
-                if size > self.budget_bytes:
-                    break
+                if not self._make_room(sum(a.nbytes for a in cached.kv), chain):
+                    break  # the budget is this prompt's own start: the rest is not kept
                 self._blocks[key] = cached
                 self.stats.blocks += 1
-                self.stats.bytes += size
+                self.stats.bytes += sum(a.nbytes for a in cached.kv)
+            self._blocks.move_to_end(key)  # the chain stays the freshest while it grows
             keys.append(key)
+            chain.add(key)
             parent = cached.id
         for key in reversed(keys):
             self._blocks.move_to_end(key)
-        while self.stats.bytes > self.budget_bytes:
-            _, evicted = self._blocks.popitem(last=False)
+
+    def _make_room(self, size: int, chain: set[tuple[int | str, tuple[int, ...]]]) -> bool:
+        """Evict least recently used blocks until `size` more bytes fit the budget; False when
+        only `chain` (the blocks being stored, refreshed as they are walked) is left.
+
+        The budget holds at every moment: a prompt longer than the cache keeps its first
+        blocks (the ones other prompts share) and never lifts memory above the budget.
+        """
+        while self.stats.bytes + size > self.budget_bytes:
+            oldest = next(iter(self._blocks), None)
+            if oldest is None or oldest in chain:
+                return False
+            evicted = self._blocks.pop(oldest)
             self.stats.blocks -= 1
             self.stats.bytes -= sum(a.nbytes for a in evicted.kv)
             self.stats.evicted += 1
+        return True

@@ -204,4 +204,13 @@ def test_gateway_serves_it_like_the_old_path(tiny_gqa_dir, tiny_onnx_dir):
 
         assert reused("tenant-a") == 0 and reused("tenant-b") == 0  # tenants share nothing
         assert reused("tenant-a") > 0
+
+        def blocks_added(salt: str, max_tokens: int) -> int:
+            before = engine.status()["prefix_cache"]["blocks"]
+            chat(live.base_url, "une autre question " * 8, max_tokens=max_tokens,
+                 ignore_eos=True, cache_salt=salt)
+            return engine.status()["prefix_cache"]["blocks"] - before
+
+        # a finished answer's blocks are kept for the chat's next turn: 40 tokens fill two
+        assert blocks_added("answers", 40) - blocks_added("prompt-only", 1) >= 2
         check_disconnect_leaves_the_batch(live.base_url, scheduler)

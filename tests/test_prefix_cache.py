@@ -115,12 +115,23 @@ def test_backend_with_the_cache_gives_the_logits_and_tokens_of_whole_prefills(ti
     ref_state, ref = plain.prefill(later)
     np.testing.assert_allclose(logits, ref, atol=1e-4)
     assert cached.prefix_cache.stats.tokens_reused == 32 + 16 + 32
-    for _ in range(6):
+    fed: list[list[int]] = [[] for _ in later]
+    for _ in range(18):
         tokens = ref.argmax(-1)
         assert (logits.argmax(-1) == tokens).all()
         state, logits = cached.decode(state, tokens)
         ref_state, ref = plain.decode(ref_state, tokens)
         np.testing.assert_allclose(logits, ref, atol=1e-4)
+        for row, token in enumerate(tokens):
+            fed[row].append(int(token))
+    # a finished row's answer is kept too: the next turn of its chat reuses prompt and answer
+    chosen = int(ref.argmax(-1)[1])  # chosen but never fed: it has no keys and values yet
+    cached.retain(state, [1], [later[1] + fed[1] + [chosen]], [None])
+    turn = later[1] + fed[1] + rng.integers(4, 500, 5).tolist()  # 20 + 18 + 5 tokens
+    reused = cached.prefix_cache.stats.tokens_reused
+    _, logits = cached.prefill([turn])
+    assert cached.prefix_cache.stats.tokens_reused - reused == 32  # two blocks, answer included
+    np.testing.assert_allclose(logits, plain.prefill([turn])[1], atol=1e-4)
     # a salt keeps a prompt off blocks cached without it, and its logits the same
     reused = cached.prefix_cache.stats.tokens_reused
     _, logits = cached.prefill(later[:1], ["tenant-a"])

@@ -204,6 +204,22 @@ class SharedKvStepBackend(OrtKvLayout):
         slots[order] = np.arange(len(prompts))
         return SharedKvState(arena, slots, lengths), logits
 
+    def retain(self, state: SharedKvState, rows: list[int], tokens: list[list[int]],
+               cache_salts: list[str | None]) -> None:
+        """Keep the cached KV of finished `rows` (their prompt and answer) in the prefix cache.
+
+        A chat's next turn repeats the conversation so far, answer included: its prompt then
+        starts with these blocks. `tokens[i]` are row `rows[i]`'s tokens; only the first
+        `lengths` of them have keys and values (the last token chosen was never fed).
+        """
+        if self.prefix_cache is None:
+            return
+        for row, row_tokens, salt in zip(rows, tokens, cache_salts):
+            slot, length = int(state.slots[row]), int(state.lengths[row])
+            self.prefix_cache.store(
+                row_tokens[:length],
+                lambda start, stop, slot=slot: state.arena.read(slot, start, stop), salt)
+
     def decode(self, state: SharedKvState, tokens: np.ndarray) -> tuple[SharedKvState, np.ndarray]:
         """One token per logical row; the arena is updated in place."""
         lengths = state.lengths + 1

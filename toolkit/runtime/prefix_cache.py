@@ -10,6 +10,10 @@ share the blocks of their common start. Keys hold the tokens themselves, not a h
 collision can hand a prompt another prompt's cache. A block's keys and values depend only on the
 tokens up to its end (causal attention), so reusing them is exact.
 
+Blocks come from two places: every prefilled prompt, and every finished request (its prompt
+and answer, `SharedKvStepBackend.retain`), since a chat's next turn repeats the conversation so
+far.
+
 A shared cache is a timing channel: a prompt whose start another user sent is answered sooner.
 A salt (vLLM's `cache_salt`, e.g. one per tenant) is the parent of a prompt's first block, so
 prompts share blocks only with prompts of the same salt.

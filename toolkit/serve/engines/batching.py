@@ -331,7 +331,18 @@ class BatchScheduler:
         finished = [self._accept(seq, int(tokens[i])) for i, seq in enumerate(self._active)]
         self._next = tokens
         if any(finished):
+            self._retain([i for i, done in enumerate(finished) if done])
             self._keep([i for i, done in enumerate(finished) if not done])
+
+    def _retain(self, rows: list[int]) -> None:
+        """Hand finished rows' conversations to a backend that caches prompt prefixes, before
+        they leave the batch (a chat's next turn starts with them)."""
+        retain = getattr(self.backend, "retain", None)
+        if retain is None:
+            return
+        seqs = [self._active[i] for i in rows]
+        retain(self._state, rows, [s.prepared.prompt_ids + s.generated for s in seqs],
+               [s.prepared.request.cache_salt for s in seqs])
 
     def _drop_finished(self) -> None:
         if any(seq.cancelled for seq in self._active):

@@ -105,8 +105,11 @@ def test_backend_with_the_cache_gives_the_logits_and_tokens_of_whole_prefills(ti
     rng = np.random.default_rng(3)
     system = rng.integers(4, 500, 37).tolist()  # two full blocks of 16, and 5 tokens
     first = [system + rng.integers(4, 500, n).tolist() for n in (3, 9)]
-    cached.prefill(first)
+    _, logits = cached.prefill(first)
+    np.testing.assert_allclose(logits, plain.prefill(first)[1], atol=1e-4)
     assert cached.prefix_cache.stats.blocks == 2  # both prompts share blocks 1 and 2
+    # the second prompt starts like the first: it waited for the first's blocks, then used them
+    assert cached.prefix_cache.stats.tokens_reused == 32
     later = [system + rng.integers(4, 500, 6).tolist(),  # warm: 32 tokens reused
              rng.integers(4, 500, 20).tolist(),  # cold
              system[:20],  # warm, one block
@@ -114,7 +117,7 @@ def test_backend_with_the_cache_gives_the_logits_and_tokens_of_whole_prefills(ti
     state, logits = cached.prefill(later)
     ref_state, ref = plain.prefill(later)
     np.testing.assert_allclose(logits, ref, atol=1e-4)
-    assert cached.prefix_cache.stats.tokens_reused == 32 + 16 + 32
+    assert cached.prefix_cache.stats.tokens_reused == 32 + 32 + 16 + 32
     fed: list[list[int]] = [[] for _ in later]
     for _ in range(18):
         tokens = ref.argmax(-1)

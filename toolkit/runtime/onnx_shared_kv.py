@@ -172,37 +172,63 @@ class SharedKvStepBackend(OrtKvLayout):
                 cache_salts: list[str | None] | None = None) -> tuple[SharedKvState, np.ndarray]:
         """Prefill the prompts into a new arena; rows attend to their own length only.
 
-        Prompts without a cached prefix run as one right-padded batch in the first rows; each
-        prompt with one gets its cached blocks copied in and runs only the rest, alone
-        (GroupQueryAttention takes several new tokens after a cache for one row at a time).
+        Prompts without a cached prefix run as one right-padded batch; each prompt with one
+        gets its cached blocks copied in and runs only the rest, alone (GroupQueryAttention
+        takes several new tokens after a cache for one row at a time). A prompt whose first
+        block an earlier prompt of the same call starts with waits until that one is cached,
+        so the first chats after a start share their system prompt too.
         """
         lengths = np.array([len(p) for p in prompts], dtype=np.int64)
         arena = KvArena(self, max(len(prompts), MIN_ROWS), self._length_for(int(lengths.max())))
-        cache = self.prefix_cache
         salts = cache_salts or [None] * len(prompts)
-        matches = [cache.match(p, salt) if cache is not None else []
-                   for p, salt in zip(prompts, salts)]
-        cold = [i for i, blocks in enumerate(matches) if not blocks]
-        order = cold + [i for i, blocks in enumerate(matches) if blocks]  # physical row -> prompt
         logits = np.empty((len(prompts), self.vocab), dtype=np.float32)
-        if cold:
-            ids = np.zeros((len(cold), int(lengths[cold].max())), dtype=np.int64)
-            for row, i in enumerate(cold):
-                ids[row, :len(prompts[i])] = prompts[i]
-            logits[cold] = self._run(arena, ids, lengths[cold], lengths[cold] - 1)
-        for row in range(len(cold), len(prompts)):
-            i = order[row]
-            cached = arena.write(row, matches[i])
-            ids = np.asarray([prompts[i][cached:]], dtype=np.int64)
-            logits[i] = self._run(arena, ids, lengths[i:i + 1],
-                                  np.array([len(ids[0]) - 1]), first=row)[0]
-        if cache is not None:
-            for row, i in enumerate(order):
-                cache.store(prompts[i], lambda start, stop, row=row: arena.read(row, start, stop),
-                            salts[i])
+        order: list[int] = []  # physical row -> prompt
+        for wave in self._waves(prompts, salts):
+            order += self._prefill_wave(arena, prompts, salts, wave, len(order), logits)
         slots = np.empty(len(prompts), dtype=np.int64)
         slots[order] = np.arange(len(prompts))
         return SharedKvState(arena, slots, lengths), logits
+
+    def _waves(self, prompts: list[list[int]], salts: list[str | None]) -> list[list[int]]:
+        """The prompts to prefill first, then those starting with a block one of them caches."""
+        if self.prefix_cache is None:
+            return [list(range(len(prompts)))]
+        block = self.prefix_cache.block
+        heads: set[tuple[str | None, tuple[int, ...]]] = set()
+        first, later = [], []
+        for i, prompt in enumerate(prompts):
+            head = (salts[i], tuple(prompt[:block])) if len(prompt) > block else None
+            (later if head in heads else first).append(i)
+            if head is not None:
+                heads.add(head)
+        return [first, later] if later else [first]
+
+    def _prefill_wave(self, arena: KvArena, prompts: list[list[int]], salts: list[str | None],
+                      wave: list[int], row: int, logits: np.ndarray) -> list[int]:
+        """Prefill prompts `wave` into arena rows from `row` on, filling their `logits` and
+        caching their blocks; the prompt of each row used, in order."""
+        cache = self.prefix_cache
+        matches = {i: cache.match(prompts[i], salts[i]) if cache is not None else []
+                   for i in wave}
+        cold = [i for i in wave if not matches[i]]
+        warm = [i for i in wave if matches[i]]
+        lengths = np.array([len(prompts[i]) for i in cold + warm], dtype=np.int64)
+        if cold:
+            ids = np.zeros((len(cold), int(lengths[:len(cold)].max())), dtype=np.int64)
+            for r, i in enumerate(cold):
+                ids[r, :len(prompts[i])] = prompts[i]
+            logits[cold] = self._run(arena, ids, lengths[:len(cold)], lengths[:len(cold)] - 1,
+                                     first=row)
+        for r, i in enumerate(warm, start=row + len(cold)):
+            cached = arena.write(r, matches[i])
+            ids = np.asarray([prompts[i][cached:]], dtype=np.int64)
+            logits[i] = self._run(arena, ids, np.array([len(prompts[i])]),
+                                  np.array([len(ids[0]) - 1]), first=r)[0]
+        if cache is not None:
+            for r, i in enumerate(cold + warm, start=row):
+                cache.store(prompts[i], lambda start, stop, r=r: arena.read(r, start, stop),
+                            salts[i])
+        return cold + warm
 
     def retain(self, state: SharedKvState, rows: list[int], tokens: list[list[int]],
                cache_salts: list[str | None]) -> None:

@@ -287,11 +287,13 @@ def render_serve_throughput(data: dict[str, Any]) -> str:
 
 
 def _prompt_cache_sentence(mode: str | None) -> str:
-    """How the run's prompts met the servers' prompt caches (runs before the switch: off)."""
-    if mode == "on":
-        return ("Requests: the run's system prompt and a question no other request repeats; "
-                "prompt caches on (toolkit prefix cache, llama-server cache_prompt). ")
-    return "Prompt caches off (six user-only prompts, repeated). "
+    """What the requests were and how they met the servers' prompt caches (`--prompt-cache`;
+    runs saved before the switch had none)."""
+    if mode is None:
+        return "Six user-only prompts, repeated; prompt caches off. "
+    return ("Requests: the run's system prompt and a question no other request repeats; prompt "
+            + ("caches on (toolkit prefix cache, llama-server cache_prompt). " if mode == "on"
+               else "caches off (both servers prefill every prompt whole). "))
 
 
 def render_gateway_overhead(data: dict[str, Any]) -> str:

@@ -15,6 +15,10 @@ alike, up to the serving context (`capacity`): one copy of the cache per doublin
 leaves is replaced by the last physical row (one row copied) and the batch keeps a logical ->
 physical slot map, so the scheduler's row order never costs a cache copy. States are consumed: after `decode`, `select` or `merge` use only the state
 returned (they share and mutate the arena, which is the point).
+
+With a `PrefixCache` (serving), `prefill` copies the cached blocks a prompt starts with into its
+row and runs only the rest, and `retain` caches a finished row's prompt and answer for the
+chat's next turn (`runtime/prefix_cache.py`).
 """
 
 from __future__ import annotations

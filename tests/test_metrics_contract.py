@@ -95,6 +95,16 @@ def test_tokens_add_up(metrics: GatewayMetrics) -> None:
     assert value(metrics, "toolkit_time_per_output_token_seconds_count", model=M, engine=E) == 3
 
 
+def test_prefix_cache_counters_follow_the_engine_totals(metrics: GatewayMetrics) -> None:
+    labels = {"model": M, "engine": E}
+    assert value(metrics, "toolkit_prefix_cache_queries_total", **labels) == 0
+    metrics.prefix_cache(M, E, queried=100, hits=48)
+    metrics.prefix_cache(M, E, queried=100, hits=48)  # a scrape with nothing new adds nothing
+    metrics.prefix_cache(M, E, queried=160, hits=96)
+    assert value(metrics, "toolkit_prefix_cache_queries_total", **labels) == 160
+    assert value(metrics, "toolkit_prefix_cache_hits_total", **labels) == 96
+
+
 def test_time_to_first_token(metrics: GatewayMetrics) -> None:
     for seconds in (0.1, 0.2):
         metrics.first_token(M, E, seconds)

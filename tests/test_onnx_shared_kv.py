@@ -7,6 +7,7 @@ from __future__ import annotations
 import concurrent.futures
 import shutil
 
+import httpx
 import numpy as np
 import pytest
 
@@ -204,6 +205,12 @@ def test_gateway_serves_it_like_the_old_path(tiny_gqa_dir, tiny_onnx_dir):
 
         assert reused("tenant-a") == 0 and reused("tenant-b") == 0  # tenants share nothing
         assert reused("tenant-a") > 0
+        # Prometheus sees the engine's totals at each scrape
+        scraped = httpx.get(f"{live.base_url}/metrics").text
+        hits = [line for line in scraped.splitlines()
+                if line.startswith("toolkit_prefix_cache_hits_total{")]
+        assert hits and float(hits[0].rsplit(" ", 1)[1]) == \
+            engine.status()["prefix_cache"]["tokens_reused"] > 0
 
         def blocks_added(salt: str, max_tokens: int) -> int:
             before = engine.status()["prefix_cache"]["blocks"]

@@ -87,6 +87,16 @@ TOOLKIT_METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("toolkit_prompt_tokens", "counter", "Prompt tokens processed.", MODEL_ENGINE),
     MetricSpec("toolkit_generation_tokens", "counter", "Tokens generated.", MODEL_ENGINE),
     MetricSpec(
+        "toolkit_prefix_cache_queries", "counter",
+        "Prompt tokens looked up in the onnxruntime engine's prompt-prefix cache (0 for other "
+        "engines; vLLM counts its own as vllm:prefix_cache_queries).", MODEL_ENGINE,
+    ),
+    MetricSpec(
+        "toolkit_prefix_cache_hits", "counter",
+        "Prompt tokens whose keys and values came from the prefix cache instead of a prefill.",
+        MODEL_ENGINE,
+    ),
+    MetricSpec(
         "toolkit_requests_running", "gauge", "Generation requests the engine is working on.",
         MODEL_ENGINE,
     ),

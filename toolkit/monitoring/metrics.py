@@ -28,6 +28,9 @@ from toolkit.monitoring.contract import (
 
 __all__ = ["GatewayMetrics", "RatingScale", "feedback_score01"]
 
+#: the prefix cache's counters: prompt tokens looked up, and reused
+PREFIX_CACHE = ("toolkit_prefix_cache_queries", "toolkit_prefix_cache_hits")
+
 
 def feedback_score01(rating: int, scale: RatingScale) -> float:
     """Normalise a rating to 0..1 so thumbs and stars share one `toolkit_feedback_score`.
@@ -61,6 +64,7 @@ class GatewayMetrics:
             for s in specs["histogram"]
         }
         ProcessCollector(registry=registry)
+        self._synced: dict[tuple[str, str, str], int] = {}
 
     def set_model_info(self, model: str, format: str, quantization: str, engine: str) -> None:
         """Publish the served model and the build serving it, and create the zero series.
@@ -73,7 +77,7 @@ class GatewayMetrics:
         self._gauges["toolkit_build_info"].labels(toolkit_version(), build_commit(), engine).set(1)
         for name in ("toolkit_requests_running", "toolkit_requests_waiting"):
             self._gauges[name].labels(model, engine)
-        for name in ("toolkit_prompt_tokens", "toolkit_generation_tokens"):
+        for name in ("toolkit_prompt_tokens", "toolkit_generation_tokens", *PREFIX_CACHE):
             self._counters[name].labels(model, engine)
 
     def request_finished(
@@ -128,6 +132,18 @@ class GatewayMetrics:
         score01 = feedback_score01(rating, scale)
         self._counters["toolkit_feedback"].labels(model, scale, str(rating)).inc()
         self._histograms["toolkit_feedback_score"].labels(model).observe(score01)
+
+    def prefix_cache(self, model: str, engine: str, queried: int, hits: int) -> None:
+        """Bring the prefix cache counters up to the engine's running totals.
+
+        The cache counts inside the engine's decode thread, per prompt, and reports nothing per
+        request; the gateway reads its totals at each scrape and the counters add what is new.
+        """
+        for name, total in zip(PREFIX_CACHE, (queried, hits)):
+            seen = self._synced.get((name, model, engine), 0)
+            if total > seen:
+                self._counters[name].labels(model, engine).inc(total - seen)
+                self._synced[name, model, engine] = total
 
     def render(self) -> tuple[bytes, str]:
         """The `/metrics` body and its content type, in the Prometheus text format."""

@@ -253,6 +253,10 @@ def _add_routes(app: FastAPI, gateway: Gateway) -> None:
 
     @app.get("/metrics")
     async def metrics() -> Response:
+        cache = gateway.engine.status().get("prefix_cache")  # the onnxruntime engine's
+        if cache:
+            gateway.metrics.prefix_cache(gateway.info.model_name, gateway.info.engine,
+                                         cache["prompt_tokens"], cache["tokens_reused"])
         body, content_type = gateway.metrics.render()
         return Response(body, media_type=content_type)
 

@@ -38,6 +38,9 @@ BLOCK = 16
 #: reads the keys and values of positions [start, stop) of a cached row: one array per cache
 #: tensor (each layer's key and value), (kv heads, stop - start, head dim)
 KvReader = Callable[[int, int], list[np.ndarray]]
+#: a block's key: its parent block's id (or, for a prompt's first block, the root: the salt, 0
+#: without one) and its tokens
+BlockKey = tuple[int | str, tuple[int, ...]]
 
 
 @dataclass
@@ -73,15 +76,14 @@ class PrefixCache:
         self.budget_bytes = int(budget_bytes)
         self.block = int(block)
         self.stats = PrefixCacheStats()
-        # key: (parent block id, or the root: the salt, 0 for none; the block's tokens)
-        self._blocks: OrderedDict[tuple[int | str, tuple[int, ...]], CachedBlock] = OrderedDict()
+        self._blocks: OrderedDict[BlockKey, CachedBlock] = OrderedDict()
         self._ids = itertools.count(1)
 
     def match(self, tokens: Sequence[int], salt: str | None = None) -> list[CachedBlock]:
         """The blocks cached under `salt` that `tokens` starts with, leaving at least one token
         to run (its logits pick the first answer token)."""
         found: list[CachedBlock] = []
-        keys = []
+        keys: list[BlockKey] = []
         parent: int | str = 0 if salt is None else salt
         for start in range(0, len(tokens) - 1 - self.block + 1, self.block):
             key = (parent, tuple(tokens[start:start + self.block]))
@@ -102,8 +104,8 @@ class PrefixCache:
     def store(self, tokens: Sequence[int], read: KvReader, salt: str | None = None) -> None:
         """Cache every full block of `tokens` not cached under `salt` yet, reading its KV with
         `read`."""
-        keys: list[tuple[int | str, tuple[int, ...]]] = []
-        chain = set()
+        keys: list[BlockKey] = []
+        chain: set[BlockKey] = set()
         parent: int | str = 0 if salt is None else salt
         for start in range(0, len(tokens) - self.block + 1, self.block):
             key = (parent, tuple(tokens[start:start + self.block]))
@@ -122,7 +124,7 @@ class PrefixCache:
         for key in reversed(keys):
             self._blocks.move_to_end(key)
 
-    def _make_room(self, size: int, chain: set[tuple[int | str, tuple[int, ...]]]) -> bool:
+    def _make_room(self, size: int, chain: set[BlockKey]) -> bool:
         """Evict least recently used blocks until `size` more bytes fit the budget; False when
         only `chain` (the blocks being stored, refreshed as they are walked) is left.
 

@@ -216,13 +216,12 @@ class SharedKvStepBackend(OrtKvLayout):
                    for i in wave}
         cold = [i for i in wave if not matches[i]]
         warm = [i for i in wave if matches[i]]
-        lengths = np.array([len(prompts[i]) for i in cold + warm], dtype=np.int64)
         if cold:
-            ids = np.zeros((len(cold), int(lengths[:len(cold)].max())), dtype=np.int64)
+            lengths = np.array([len(prompts[i]) for i in cold], dtype=np.int64)
+            ids = np.zeros((len(cold), int(lengths.max())), dtype=np.int64)
             for r, i in enumerate(cold):
                 ids[r, :len(prompts[i])] = prompts[i]
-            logits[cold] = self._run(arena, ids, lengths[:len(cold)], lengths[:len(cold)] - 1,
-                                     first=row)
+            logits[cold] = self._run(arena, ids, lengths, lengths - 1, first=row)
         for r, i in enumerate(warm, start=row + len(cold)):
             cached = arena.write(r, matches[i])
             ids = np.asarray([prompts[i][cached:]], dtype=np.int64)

@@ -63,6 +63,11 @@ class CachedBlock:
     id: int
     kv: list[np.ndarray]
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes its arrays hold (what counts against the cache's budget)."""
+        return sum(a.nbytes for a in self.kv)
+
 
 class PrefixCache:
     """Blocks of prompt KV keyed by their prefix, least recently used evicted over `budget_bytes`.
@@ -85,7 +90,7 @@ class PrefixCache:
         found: list[CachedBlock] = []
         keys: list[BlockKey] = []
         parent: int | str = 0 if salt is None else salt
-        for start in range(0, len(tokens) - 1 - self.block + 1, self.block):
+        for start in range(0, len(tokens) - self.block, self.block):  # full blocks before the last token
             key = (parent, tuple(tokens[start:start + self.block]))
             cached = self._blocks.get(key)
             if cached is None:
@@ -112,11 +117,11 @@ class PrefixCache:
             cached = self._blocks.get(key)
             if cached is None:
                 cached = CachedBlock(next(self._ids), read(start, start + self.block))
-                if not self._make_room(sum(a.nbytes for a in cached.kv), chain):
+                if not self._make_room(cached.nbytes, chain):
                     break  # the budget is this prompt's own start: the rest is not kept
                 self._blocks[key] = cached
                 self.stats.blocks += 1
-                self.stats.bytes += sum(a.nbytes for a in cached.kv)
+                self.stats.bytes += cached.nbytes
             self._blocks.move_to_end(key)  # the chain stays the freshest while it grows
             keys.append(key)
             chain.add(key)
@@ -137,6 +142,6 @@ class PrefixCache:
                 return False
             evicted = self._blocks.pop(oldest)
             self.stats.blocks -= 1
-            self.stats.bytes -= sum(a.nbytes for a in evicted.kv)
+            self.stats.bytes -= evicted.nbytes
             self.stats.evicted += 1
         return True

@@ -4,8 +4,8 @@ One decoder layer's matrix multiplies (the shapes of SmolLM2-135M, or of `--conf
 q/k/v, o_proj, gate, up, down) built as a plain fp32 `MatMul` graph (MLAS SGEMM: the baseline)
 as `MatMulNBits` graphs the way the `onnx-int8` and `onnx-int4` exports are quantized
 (blocks, asymmetric, accuracy level 4 = int8 activation blocks) and as `onnx-w8a8`'s rewrite
-(`toolkit.export.onnx_w8a8`: each token quantized to int8 in the graph, `MatMulInteger`, the
-int32 result rescaled), timed in one process at the
+(`toolkit.export.onnx_w8a8`: each token quantized to 8 bits in the graph, `MatMulIntegerToFloat`
+over uint8 weights, the result rescaled per row), timed in one process at the
 row counts serving produces: 1 (one client decoding), 16 (16 clients decoding), 720 (a
 16-prompt prefill). Rounds interleave the kernels (A B .. B A); the median is reported.
 
@@ -47,7 +47,7 @@ class Kernel:
     bits: int  # 0: fp32 MatMul
     block: int = 0
     accuracy_level: int = 0
-    w8a8: bool = False  # toolkit.export.onnx_w8a8's rewrite (MatMulInteger)
+    w8a8: bool = False  # toolkit.export.onnx_w8a8's rewrite (MatMulIntegerToFloat)
 
 
 KERNELS = (
@@ -55,7 +55,7 @@ KERNELS = (
     Kernel("MatMulNBits 8-bit b64, int8 compute (onnx-int8)", 8, 64, 4),
     Kernel("MatMulNBits 4-bit b32, int8 compute (onnx-int4)", 4, 32, 4),
     Kernel("MatMulNBits 8-bit b64, fp32 compute", 8, 64, 1),
-    Kernel("MatMulInteger, per-token int8 activations (onnx-w8a8)", 8, w8a8=True),
+    Kernel("MatMulIntegerToFloat u8 x u8, per-token activations (onnx-w8a8)", 8, w8a8=True),
 )
 
 

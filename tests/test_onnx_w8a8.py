@@ -16,7 +16,7 @@ from toolkit.errors import ConfigError, ModelSourceError
 
 pytest.importorskip("onnxruntime", reason="the onnx extra is not installed: pip install 'toolkit[onnx]'")
 
-from toolkit.export.onnx_w8a8 import ALPHA, quantize_onnx_w8a8, rewrite_matmuls
+from toolkit.export.onnx_w8a8 import ALPHA, INTEGER_GEMM, quantize_onnx_w8a8, rewrite_matmuls
 
 IDS = np.random.default_rng(0).integers(1, 200, (2, 24))
 
@@ -61,11 +61,13 @@ def test_graph_scores_close_to_fp32_and_decodes(tiny_gqa_fp32: Path, w8a8) -> No
     # 2 layers x qkv, gate+up (one GEMM over both weights), down; the lm_head and the attention
     # output projections weight-only
     assert facts["matmuls_rewritten"] == 8
-    assert ops.count("MatMulInteger") == facts["matmul_integer"] == 6
+    assert ops.count(INTEGER_GEMM) == facts["integer_gemms"] == 6
+    source = [n.op_type for n in onnx.load(str(tiny_gqa_fp32 / "model.onnx")).graph.node]
+    assert "MatMulInteger" not in ops and ops.count("Cast") == source.count("Cast")
     # every smoothing is folded into a norm or up's columns: the Muls left are the activation's
-    # two and each GEMM's row and column scales
+    # two and each GEMM's row scales (its column scales are inside the GEMM)
     assert facts["smoothing_muls"] == 0
-    assert ops.count("Mul") == 2 * ops.count("MatMulInteger") + 2 * 2
+    assert ops.count("Mul") == ops.count(INTEGER_GEMM) + 2 * 2
     assert ops.count("MatMulNBits") == facts["weight_only_int8"] == 1 + 2
     weights = {init.name for init in graph.initializer}
     assert not [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]
@@ -117,9 +119,32 @@ def test_smoothing_keeps_an_outlier_channel_from_flattening_the_others() -> None
         assert rewrite_matmuls(model, {"x": np.abs(x).max(axis=0)}, alpha) == 1
         session = ort.InferenceSession(model.SerializeToString(),
                                        providers=["CPUExecutionProvider"])
-        assert [n.op_type for n in model.graph.node].count("MatMulInteger") == 1
+        assert [n.op_type for n in model.graph.node].count(INTEGER_GEMM) == 1
         errors[alpha] = np.abs(session.run(["y"], {"x": x})[0] - exact).max()
     assert errors[0.9] < errors[0.0] / 3, errors
+
+
+def test_integer_products_are_exact_where_int16_pairs_would_saturate() -> None:
+    """Full-scale weights of one sign meeting loud activations: every pair of products is
+    beyond int16 (255 x 127 x 2), where MLAS's uint8 x int8 kernel saturates on CPUs without
+    AVX512-VNNI. The rewrite's output is the exact dequantized product on any CPU, and a row
+    of zeros comes out as zeros (its scale is 0, with no guard node)."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(7)
+    weight = np.where(rng.random((64, 24)) < 0.8, 1.0, -1.0).astype(np.float32)
+    x = np.abs(rng.normal(0, 1, (5, 64))).astype(np.float32) + 2.0
+    x[1] *= -1
+    x[3] = 0.0
+    model = _one_matmul(weight)
+    rewrite_matmuls(model, {"x": np.ones(64, dtype=np.float32)}, 0.0)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(["y"], {"x": x})[0]
+    row_scale = np.maximum(np.abs(x).max(axis=1, keepdims=True), 1e-30) / 127
+    levels = np.clip(np.round(x / row_scale), -127, 127).astype(np.int64)
+    exact = (levels @ np.round(weight * 127).astype(np.int64)) * row_scale / 127
+    assert np.isfinite(got).all() and not got[3].any()
+    np.testing.assert_allclose(got, exact, rtol=1e-5, atol=1e-5)
 
 
 def _mlp(gamma: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> object:
@@ -181,7 +206,7 @@ def test_smoothing_folds_into_the_norm_and_up_and_gate_up_share_one_gemm() -> No
     folded = _mlp(gamma, gate, up, down)
     assert rewrite_matmuls(folded, ranges, 0.9) == 3
     ops = [n.op_type for n in folded.graph.node]
-    assert ops.count("MatMulInteger") == 2 and ops.count("Split") == 1
+    assert ops.count(INTEGER_GEMM) == 2 and ops.count("Split") == 1
     assert not [n.name for n in folded.graph.node if n.name.endswith("/Mul_smoothed")]
     with_muls = _behind_identities(_mlp(gamma, gate, up, down))
     rewrite_matmuls(with_muls, {f"{k}/copy": v for k, v in ranges.items()}, 0.9)

@@ -130,8 +130,8 @@ REGISTRY: dict[ExportFormat, FormatSpec] = {
                    ("onnx", "4-bit", "int4"), engines=("onnxruntime",)),
         FormatSpec(ExportFormat.onnx_w8a8, "toolkit.export.onnx_formats:export_onnx_w8a8",
                    ("onnx", "onnxruntime", "onnxruntime_genai"), "onnx", "onnxruntime", 8, 2.0,
-                   "ONNX Runtime W8A8 (SmoothQuant, int8 weights and per-token int8 "
-                   "activations, MatMulInteger) on onnxruntime-genai's GroupQueryAttention graph",
+                   "ONNX Runtime W8A8 (SmoothQuant, 8-bit weights and per-token 8-bit "
+                   "activations, MatMulIntegerToFloat) on onnxruntime-genai's GroupQueryAttention graph",
                    ("onnx", "8-bit", "int8", "w8a8"), engines=("onnxruntime",)),
     )
 }

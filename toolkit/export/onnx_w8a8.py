@@ -1,10 +1,10 @@
-"""The `onnx-w8a8` format: int8 weights and int8 activations, so that batches run as int8 GEMMs.
+"""The `onnx-w8a8` format: 8-bit weights and activations, so that batches run as integer GEMMs.
 
 `onnx-int8` stores int8 weights for MatMulNBits, whose int8-compute kernel on CPUs without
 AVX512-VNNI multiplies one activation row at a time: 16 rows cost 9.6x one row where fp32
 SGEMM costs 4x, and a 720-token prefill runs at 0.59x SGEMM (`benchmarks/matmul_kernels.py`).
-Serving 16 clients is mostly such batches. ONNX Runtime's `MatMulInteger` runs MLAS's blocked
-u8 x s8 GEMM instead, which needs the activations in int8 too. This module rewrites the
+Serving 16 clients is mostly such batches. ONNX Runtime's integer GEMM (MLAS's blocked 8-bit
+QGEMM) batches rows instead, and needs the activations in 8 bits too. This module rewrites the
 builder's fp32 graph (`onnx_genai`) so that every decoder MatMul does that:
 
 - SmoothQuant (Xiao et al., 2023): activation outliers sit in a few input channels, which a
@@ -15,9 +15,16 @@ builder's fp32 graph (`onnx_genai`) so that every decoder MatMul does that:
 - At run time each row (token) is quantized with its own scale, max|x| / 127, in standard ONNX
   ops (a blocked QuantizeLinear, a block per row, to uint8 around 128), so a token's result
   does not depend on what it is batched with.
-- `MatMulInteger` multiplies; the int32 result times (row scale x column scale) is the output.
-  MatMuls sharing an input (gate and up) are one MatMulInteger over both weights.
-- Nodes are the single-row cost (a decode step of one request runs ~1,070 of them), so the
+- `MatMulIntegerToFloat` (onnxruntime's contrib op) multiplies and applies the column scales
+  in the GEMM's output stage; one Mul applies the row scales. MatMuls sharing an input (gate
+  and up) are one GEMM over both weights.
+- The weights are stored as uint8 around 128, not int8: MLAS multiplies uint8 x int8 with
+  `vpmaddubsw` on CPUs without AVX512-VNNI, which adds two products in a saturating int16,
+  and a pair such as 255 x 127 + 200 x 127 overflows it. With int8 weights ~1 % of a layer's
+  outputs came out wrong on an AVX2 machine (the same graph is exact on a VNNI one), and the
+  demo export scored +1.8 % there; uint8 x uint8 widens to int16 before multiplying, is exact
+  everywhere, and scored +1.2 % (`W8A8_REASON`).
+- Nodes are the single-row cost (a decode step of one request runs ~800 of them), so the
   smoothing division is folded into the constant that made its input (the RMSNorm gammas,
   the up projection's columns for the down projection's input): it costs no node.
 
@@ -53,6 +60,8 @@ ATTENTION_OPS = ("GroupQueryAttention", "MultiHeadAttention", "Attention")
 #: the graph-wide zero point (128) of the activations' QuantizeLinear, in the scales' shape
 ZERO_POINT = "/w8a8/zero_point"
 MIDDLE = "/w8a8/128"
+#: the op multiplying quantized rows by quantized weights (onnxruntime's contrib domain)
+INTEGER_GEMM = "MatMulIntegerToFloat"
 #: the calibration probe graph, written beside the source graph while ranges are measured
 PROBE_FILE = "w8a8_probe.onnx"
 W8A8_REASON = (
@@ -66,7 +75,11 @@ W8A8_REASON = (
     "598 ms, 31.1 vs 29.6 ms) and a single-row step 3 % faster (6.8 vs 7.1 ms; onnx-int8 7.1). "
     "Against onnx-int8 (MatMulNBits, weight-only, +1.7 %) the GEMMs make a 16-row decode step "
     "1.5x and a prefill 2.1x faster (benchmarks/matmul_kernels.py, "
-    "benchmarks/serve_throughput.py)."
+    "benchmarks/serve_throughput.py). Weights uint8 around 128 (exact uint8 x uint8 products) "
+    "instead of int8 (uint8 x int8 saturates in int16 without AVX512-VNNI): +1.2 % (fr +0.9, "
+    "en +1.9) instead of +1.8 % measured on an AVX2 machine, decode steps level (1 and 16 rows, "
+    "with the node count cut from 1,070 to 800 by MatMulIntegerToFloat), a 16-prompt prefill "
+    "14 % slower."
 )
 
 
@@ -128,13 +141,13 @@ def quantize_onnx_w8a8(src_dir: Path, out_dir: Path, calibration_texts: list[str
         copy_model_files(src_dir, stage)
         shutil.copy2(src_dir / GENAI_CONFIG, stage / GENAI_CONFIG)
     return {
-        "method": "SmoothQuant W8A8: per-channel int8 weights, per-token dynamic int8 "
-                  "activations (MatMulInteger); lm_head and attention output projections "
-                  "weight-only int8 (MatMulNBits)",
+        "method": "SmoothQuant W8A8: per-channel 8-bit weights, per-token dynamic 8-bit "
+                  "activations (MatMulIntegerToFloat, uint8 x uint8: exact on every CPU); "
+                  "lm_head and attention output projections weight-only int8 (MatMulNBits)",
         "bits": 8,
         "alpha": alpha,
         "matmuls_rewritten": rewritten,
-        "matmul_integer": ops.count("MatMulInteger"),
+        "integer_gemms": ops.count(INTEGER_GEMM),
         # smoothing divisions left as a Mul (where no norm or up projection can carry them)
         "smoothing_muls": sum(n.name.endswith("/Mul_smoothed") for n in model.graph.node),
         "weight_only_int8": ops.count("MatMulNBits"),
@@ -194,11 +207,11 @@ def rewrite_matmuls(model: Any, ranges: dict[str, np.ndarray], alpha: float) -> 
     """Replace every weighted MatMul but the lm_head by its smoothed W8A8 form; their count.
 
     MatMuls reading the same input (gate and up) share its smoothing and its quantized copy,
-    and run as one MatMulInteger over their concatenated weights, split after. A smoothing
+    and run as one integer GEMM over their concatenated weights, split after. A smoothing
     division is folded into the constant that produced its input where one does (a norm's
     gamma, the up projection's columns; `_fold_smoothing`), so it costs no node.
     """
-    from onnx import numpy_helper
+    from onnx import helper, numpy_helper
 
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
@@ -230,6 +243,8 @@ def rewrite_matmuls(model: Any, ranges: dict[str, np.ndarray], alpha: float) -> 
     kept = [init for init in graph.initializer if init.name in used]
     del graph.initializer[:]
     graph.initializer.extend(kept)
+    if weights and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return len(weights)
 
 
@@ -304,12 +319,13 @@ def _quantize_rows(source: str, factors: np.ndarray, constants: _Constants,
 
     One blocked QuantizeLinear (a block per row) rounds and shifts; its zero point, 128 in the
     scales' shape, is made once for the graph (every decoder MatMul input has the same rows).
+    A row of zeros gets scale 0 and no guard node: whatever bytes QuantizeLinear makes of
+    0 / 0, the product is an int32, and its row scale 0 makes the output row exactly 0.
     """
     from onnx import helper
 
     q = f"{source}/w8a8"
     axes = constants.add("/w8a8/last_axis", np.array([-1], dtype=np.int64))
-    tiny = constants.add("/w8a8/tiny", np.array(1e-12, dtype=np.float32))
     levels = constants.add("/w8a8/127", np.array(127.0, dtype=np.float32))
     step = []
     smoothed = source
@@ -319,8 +335,7 @@ def _quantize_rows(source: str, factors: np.ndarray, constants: _Constants,
         smoothed = f"{q}/smoothed"
     step += [("Abs", [smoothed], "abs", {}),
              ("ReduceMax", [f"{q}/abs", axes], "max", {"keepdims": 1}),
-             ("Max", [f"{q}/max", tiny], "max_nonzero", {}),
-             ("Div", [f"{q}/max_nonzero", levels], "scale", {})]
+             ("Div", [f"{q}/max", levels], "scale", {})]
     for op, inputs, output, attributes in step:
         nodes.append(helper.make_node(op, inputs, [f"{q}/{output}"], name=f"{q}/{op}_{output}",
                                       **attributes))
@@ -338,31 +353,31 @@ def _quantize_rows(source: str, factors: np.ndarray, constants: _Constants,
 
 def _integer_matmul(group: list[Any], smoothed: list[np.ndarray], ints: str, row_scale: str,
                     constants: _Constants) -> list[Any]:
-    """One MatMulInteger over the group's int8 weights, rescaled, split back to its outputs.
+    """One integer GEMM over the group's 8-bit weights, rescaled, split back to its outputs.
 
-    Each weight column gets its own scale (max |w| / 127). The int32 result is cast, then
-    multiplied by the row (token) scales and the column scales: a per-axis DequantizeLinear
-    would do the cast and the columns in one node but ran 3.7x slower at 720 rows.
+    Each weight column gets its own scale (max |w| / 127), stored as uint8 around 128 (exact
+    products on CPUs without VNNI, see the module docstring). `MatMulIntegerToFloat` turns the
+    int32 sums into floats times the column scales inside the GEMM (its activation scale, a
+    per-tensor one, is 1); a Mul applies the row (token) scales: a per-axis DequantizeLinear
+    after a MatMulInteger ran 3.7x slower at 720 rows, and a Cast and two Muls cost 180 nodes
+    on every single-row step.
     """
-    from onnx import TensorProto, helper
+    from onnx import helper
 
     name = group[0].name or group[0].output[0]
     weight = np.concatenate(smoothed, axis=1)
     column_scale = (np.maximum(np.abs(weight).max(axis=0), 1e-12) / 127.0).astype(np.float32)
-    ints8 = constants.add(f"{name}/int8", np.clip(np.round(weight / column_scale), -127, 127)
-                          .astype(np.int8))
+    levels = np.clip(np.round(weight / column_scale), -127, 127)
+    uint8 = constants.add(f"{name}/uint8", (levels + 128).astype(np.uint8))
     scale = constants.add(f"{name}/column_scale", column_scale)
     zero = constants.add(MIDDLE, np.array(128, dtype=np.uint8))
+    one = constants.add("/w8a8/one", np.array(1.0, dtype=np.float32))
     fused = len(group) > 1
     out = f"{name}/rescaled" if fused else group[0].output[0]
     nodes = [
-        helper.make_node("MatMulInteger", [ints, ints8, zero], [f"{name}/int32"],
-                         name=f"{name}/MatMulInteger"),
-        helper.make_node("Cast", [f"{name}/int32"], [f"{name}/float"], name=f"{name}/Cast",
-                         to=TensorProto.FLOAT),
-        helper.make_node("Mul", [f"{name}/float", row_scale], [f"{name}/rows"],
-                         name=f"{name}/RowScale"),
-        helper.make_node("Mul", [f"{name}/rows", scale], [out], name=f"{name}/ColumnScale"),
+        helper.make_node(INTEGER_GEMM, [ints, uint8, one, scale, zero, zero], [f"{name}/columns"],
+                         name=f"{name}/{INTEGER_GEMM}", domain="com.microsoft"),
+        helper.make_node("Mul", [f"{name}/columns", row_scale], [out], name=f"{name}/RowScale"),
     ]
     if fused:
         sizes = constants.add(f"{name}/split", np.array([w.shape[1] for w in smoothed], np.int64))

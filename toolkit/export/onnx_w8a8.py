@@ -29,10 +29,11 @@ builder's fp32 graph (`onnx_genai`) so that every decoder MatMul does that:
   the up projection's columns for the down projection's input): it costs no node.
 
 Two MatMuls stay weight-only MatMulNBits int8, as in `onnx-int8`: the lm_head, which runs on
-one position per row and lost the most to activation rounding (SmolLM2: +7.8 % perplexity
-alone), and the attention output projection (`ATTENTION_OPS`' outputs: their channels are
-grouped-query heads, so no constant can carry their smoothing, and quantizing them cost 0.5
-points of perplexity for ~9 % of a layer's multiply-adds; see `W8A8_REASON`). The
+one position per row and loses the most to activation rounding (SmolLM2: +3.6 % perplexity
+instead of +1.2 %), and the attention output projection (`ATTENTION_OPS`' outputs: their
+channels are grouped-query heads, so no constant can carry their smoothing, and its Mul and
+quantizing nodes would cost the single-row step more than its ~9 % of a layer's multiply-adds
+save; see `W8A8_REASON`). The
 graph keeps the builder's inputs, outputs and `genai_config.json`: the engine serves it with
 the KV cache updated in place, like `onnx-int8`. Measured on the demo fine-tune: see
 `W8A8_REASON`.
@@ -65,21 +66,18 @@ INTEGER_GEMM = "MatMulIntegerToFloat"
 #: the calibration probe graph, written beside the source graph while ranges are measured
 PROBE_FILE = "w8a8_probe.onnx"
 W8A8_REASON = (
-    "Measured on the demo fine-tune of SmolLM2-135M (2 AVX2 cores, 2 threads): per-token int8 "
-    "activations without smoothing cost +17.3 % perplexity (+7.8 % from the lm_head alone); "
-    "SmoothQuant alpha 0.8 / 0.85 / 0.9 / 0.95 with a weight-only lm_head gave +3.4 / +2.7 / "
-    "+2.6 / +3.2 % in standalone runs; with every projection W8A8 but the lm_head the export "
-    "at 0.9 measured +2.2-2.4 %, and leaving one projection type weight-only: attention output "
-    "+1.8 % (fr +1.3, en +2.8), down +2.7 %, qkv +2.9 %; so the attention output stays "
-    "weight-only, for a 16-prompt prefill 15 % and a 16-row decode step 5 % slower (688 vs "
-    "598 ms, 31.1 vs 29.6 ms) and a single-row step 3 % faster (6.8 vs 7.1 ms; onnx-int8 7.1). "
+    "Measured on the demo fine-tune of SmolLM2-135M (2 AVX2 cores, 2 threads). 8-bit weights "
+    "stored as uint8 around 128, so every product is exact (uint8 x int8 saturates in int16 on "
+    "CPUs without AVX512-VNNI): +1.2 % perplexity (fr +0.9, en +1.9) against +1.8 % with int8 "
+    "weights on this AVX2 machine; decode steps level at 1 and 16 rows (MatMulIntegerToFloat "
+    "cut the node count from 1,070 to 800), a 16-prompt prefill 14 % slower. With exact "
+    "products, the attention output projection W8A8 too measured +1.3 % (its smoothing cannot "
+    "be folded: 180 more nodes on every single-row step) and the lm_head W8A8 too +3.6 %, so "
+    "both stay weight-only int8. Earlier sweeps (int8 weights): without smoothing +17.3 %; "
+    "SmoothQuant alpha 0.8 / 0.85 / 0.9 / 0.95 +3.4 / +2.7 / +2.6 / +3.2 % in standalone runs. "
     "Against onnx-int8 (MatMulNBits, weight-only, +1.7 %) the GEMMs make a 16-row decode step "
-    "1.5x and a prefill 2.1x faster (benchmarks/matmul_kernels.py, "
-    "benchmarks/serve_throughput.py). Weights uint8 around 128 (exact uint8 x uint8 products) "
-    "instead of int8 (uint8 x int8 saturates in int16 without AVX512-VNNI): +1.2 % (fr +0.9, "
-    "en +1.9) instead of +1.8 % measured on an AVX2 machine, decode steps level (1 and 16 rows, "
-    "with the node count cut from 1,070 to 800 by MatMulIntegerToFloat), a 16-prompt prefill "
-    "14 % slower."
+    "1.5x and a prefill 2.1x faster with int8 weights (benchmarks/matmul_kernels.py, "
+    "benchmarks/serve_throughput.py)."
 )
 
 

@@ -23,7 +23,7 @@ builder's fp32 graph (`onnx_genai`) so that every decoder MatMul does that:
   and a pair such as 255 x 127 + 200 x 127 overflows it. With int8 weights ~1 % of a layer's
   outputs came out wrong on an AVX2 machine (the same graph is exact on a VNNI one), and the
   demo export scored +1.8 % there; uint8 x uint8 widens to int16 before multiplying, is exact
-  everywhere, and scored +1.2 % (`W8A8_REASON`).
+  everywhere, and scored +1.2 % at the same speed within this VM's noise (`W8A8_REASON`).
 - Nodes are the single-row cost (a decode step of one request runs ~800 of them), so the
   smoothing division is folded into the constant that made its input (the RMSNorm gammas,
   the up projection's columns for the down projection's input): it costs no node.
@@ -70,13 +70,15 @@ W8A8_REASON = (
     "stored as uint8 around 128, so every product is exact (uint8 x int8 saturates in int16 on "
     "CPUs without AVX512-VNNI): +1.2 % perplexity (fr +0.9, en +1.9) against +1.8 % with int8 "
     "weights on this AVX2 machine; decode steps level at 1 and 16 rows (MatMulIntegerToFloat "
-    "cut the node count from 1,070 to 800), a 16-prompt prefill 14 % slower. With exact "
+    "cut the node count from 1,070 to 800), a 16-prompt prefill level to 14 % slower (two "
+    "interleaved runs). With exact "
     "products, the attention output projection W8A8 too measured +1.3 % (its smoothing cannot "
     "be folded: 180 more nodes on every single-row step) and the lm_head W8A8 too +3.6 %, so "
     "both stay weight-only int8. Earlier sweeps (int8 weights): without smoothing +17.3 %; "
     "SmoothQuant alpha 0.8 / 0.85 / 0.9 / 0.95 +3.4 / +2.7 / +2.6 / +3.2 % in standalone runs. "
     "Against onnx-int8 (MatMulNBits, weight-only, +1.7 %) the GEMMs make a 16-row decode step "
-    "1.5x and a prefill 2.1x faster with int8 weights (benchmarks/matmul_kernels.py, "
+    "1.3x and a 16-prompt prefill 1.65x faster in one interleaved run (int8 weights, same run: "
+    "1.4x, 1.6x; 1.5x, 2.1x on a quieter day; benchmarks/matmul_kernels.py, "
     "benchmarks/serve_throughput.py)."
 )
 

@@ -83,7 +83,8 @@ def main() -> None:
                         help="write benchmarks/results/vllm_quantized.json and re-render the docs")
     args = parser.parse_args()
 
-    from toolkit.export.vllm_proof import VllmModel, cpu_flags, run_vllm_job
+    from toolkit.export.vllm_compat import cpu_flags
+    from toolkit.export.vllm_proof import VllmModel, run_vllm_job
 
     folders = {"bf16": args.reference}
     for item in args.model:

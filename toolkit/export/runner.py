@@ -423,6 +423,8 @@ def _verify_and_report(fmt: ExportFormat, ctx: ExportContext, reference: _Refere
                             prompt_ids=speed_prompt, threads=threads, static=vllm)
     if vllm["checked"] and not vllm["loadable"]:
         warnings.append(f"vLLM cannot serve this export here: {vllm['reason']}")
+    elif vllm.get("warning"):
+        warnings.append(f"vLLM: {vllm['warning']}")
     size_bytes, weights_bytes = folder_sizes(work)
     report = ExportReport(
         format=fmt.value, path=str(target), source=ctx.source.describe(), dtype=dtype,

@@ -66,13 +66,42 @@ def probe_vllm(python: str | None = None) -> VllmInfo | str:
     return VllmInfo(python, str(data["version"]), str(data["device"]), methods)
 
 
-def cpu_has_avx512() -> bool:
-    """vLLM's CPU GPTQ kernels need AVX512 (avx512f in /proc/cpuinfo)."""
+#: the /proc/cpuinfo flags vLLM-CPU's kernels are chosen by (reports list the ones present)
+KERNEL_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8",
+                "amx_bf16")
+#: flags with an int8 dot product that accumulates in int32 (no int16 pair saturation)
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+#: formats vLLM runs as int8 x int8 GEMMs (int8 activations)
+INT8_GEMM_FORMATS = (ExportFormat.ct_w8a8,)
+SATURATION_WARNING = (
+    "this CPU has no VNNI (avx512_vnni / avx_vnni / amx_int8): vLLM-CPU's int8 GEMM (oneDNN) "
+    "adds products in int16 pairs that saturate here; measured with vllm-cpu 0.32 on AVX2 on "
+    "the demo's ct-w8a8 layers (64 tokens with a few loud channels): 0.1-0.4 % of outputs "
+    "wrong, by up to a third of the output range, so this W8A8 model scores worse served by "
+    "vLLM on this CPU than its report says. For exact int8 on such CPUs serve onnx-w8a8 "
+    "(uint8 x uint8, exact everywhere)"
+)
+
+
+def cpu_flags(wanted: tuple[str, ...] = KERNEL_FLAGS) -> list[str]:
+    """The CPU's kernel-relevant flags (vLLM-CPU picks kernels from them); [] off Linux."""
     try:
         text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
     except OSError:
-        return False
-    return any(line.startswith("flags") and " avx512f" in line for line in text.splitlines())
+        return []
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
+                  if line.startswith("flags")), [])
+    return [flag for flag in wanted if flag in flags]
+
+
+def cpu_has_avx512() -> bool:
+    """vLLM's CPU GPTQ kernels need AVX512 (avx512f in /proc/cpuinfo)."""
+    return "avx512f" in cpu_flags()
+
+
+def cpu_has_vnni() -> bool:
+    """An int8 dot product into int32 (VNNI or AMX): vLLM-CPU's int8 GEMM is exact."""
+    return any(flag in VNNI_FLAGS for flag in cpu_flags())
 
 
 def vllm_support(fmt: ExportFormat, info: VllmInfo | str | None = None) -> dict[str, Any]:
@@ -101,7 +130,11 @@ def vllm_support(fmt: ExportFormat, info: VllmInfo | str | None = None) -> dict[
         return {**block, "loadable": False,
                 "reason": f"vLLM {info.version}'s CPU int4 kernels ({method}) need AVX512; "
                           "this CPU has none"}
-    return {**block, "loadable": True, "reason": f"vLLM {info.version} ({info.device}) lists {method}"}
+    supported = {**block, "loadable": True,
+                 "reason": f"vLLM {info.version} ({info.device}) lists {method}"}
+    if fmt in INT8_GEMM_FORMATS and info.device == "cpu" and not cpu_has_vnni():
+        supported["warning"] = SATURATION_WARNING
+    return supported
 
 
 def engine_hint(fmt: ExportFormat, vllm: dict[str, Any]) -> list[str]:

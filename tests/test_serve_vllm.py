@@ -91,6 +91,31 @@ def test_auto_engine_choice(tmp_path, tiny_model_dir):
         choose_engine(ServeSettings(model=str(tiny_model_dir), engine="onnxruntime"), served)
 
 
+def test_serve_warns_of_inexact_int8_vllm_on_cpus_without_vnni(tmp_path, monkeypatch, caplog):
+    """Decided on the serving machine, not copied from the report: ct-w8a8 on vLLM-CPU warns
+    where the CPU has no VNNI, and nothing else does."""
+    from toolkit.export import vllm_compat
+    from toolkit.serve.select import warn_inexact_vllm
+
+    cpu = vllm_compat.VllmInfo("python", "0.32.0", "cpu", ("compressed-tensors",))
+    monkeypatch.setattr(vllm_compat, "probe_vllm", lambda python=None: cpu)
+    monkeypatch.setattr(vllm_compat, "cpu_flags", lambda: ["avx2"])
+    w8a8 = make_export(tmp_path, "ct-w8a8", {"vllm": {"loadable": True}})
+    settings = ServeSettings(model=str(w8a8), engine="vllm", vllm_python=sys.executable)
+    served = resolve_served_model(settings.model)
+    with caplog.at_level("WARNING", logger="toolkit.serve"):
+        assert "saturate" in warn_inexact_vllm(settings, served)
+    assert any("onnx-w8a8" in r.getMessage() for r in caplog.records)
+    merged = make_export(tmp_path / "m", "merged", {"vllm": {"loadable": True}})
+    assert warn_inexact_vllm(settings, resolve_served_model(str(merged))) is None
+    monkeypatch.setattr(vllm_compat, "cpu_flags", lambda: ["avx2", "avx512_vnni"])
+    assert warn_inexact_vllm(settings, served) is None
+    monkeypatch.setattr(vllm_compat, "cpu_flags", lambda: ["avx2"])
+    gpu = vllm_compat.VllmInfo("python", "0.32.0", "cuda", ("compressed-tensors",))
+    monkeypatch.setattr(vllm_compat, "probe_vllm", lambda python=None: gpu)
+    assert warn_inexact_vllm(settings, served) is None
+
+
 def make_run(root: Path, base: Path, rank: int = 16) -> Path:
     run = root / "runs" / "triage"
     (run / "adapter").mkdir(parents=True)

@@ -132,9 +132,15 @@ def vllm_support(fmt: ExportFormat, info: VllmInfo | str | None = None) -> dict[
                           "this CPU has none"}
     supported = {**block, "loadable": True,
                  "reason": f"vLLM {info.version} ({info.device}) lists {method}"}
-    if fmt in INT8_GEMM_FORMATS and info.device == "cpu" and not cpu_has_vnni():
-        supported["warning"] = SATURATION_WARNING
-    return supported
+    warning = saturation_warning(fmt, info.device)
+    return {**supported, "warning": warning} if warning else supported
+
+
+def saturation_warning(fmt: ExportFormat, device: str) -> str | None:
+    """`SATURATION_WARNING` where vLLM would run this format's int8 GEMMs on this CPU inexactly."""
+    if fmt in INT8_GEMM_FORMATS and device == "cpu" and not cpu_has_vnni():
+        return SATURATION_WARNING
+    return None
 
 
 def engine_hint(fmt: ExportFormat, vllm: dict[str, Any]) -> list[str]:

@@ -241,6 +241,27 @@ def log_choice(engine: EngineChoice, reason: str, served: ServedModel) -> None:
              served.adapter or served.path, reason)
 
 
+def warn_inexact_vllm(settings: ServeSettings, served: ServedModel) -> str | None:
+    """Log (and return) why vLLM would compute this export inexactly on this machine.
+
+    The export report's warning was written where the export ran; the CPU that serves may
+    differ, so it is decided again here. Only a W8A8 export on a CPU without VNNI asks vLLM
+    for its device (a few seconds, against vLLM's minutes of start-up).
+    """
+    from toolkit.export.vllm_compat import probe_vllm, saturation_warning
+
+    spec = served.spec
+    if spec is None or saturation_warning(spec.format, "cpu") is None:
+        return None
+    fmt = spec.format
+    python = vllm_python(settings)
+    info = probe_vllm(str(python) if python else None)
+    warning = saturation_warning(fmt, info.device) if not isinstance(info, str) else None
+    if warning:
+        log.warning("vLLM on this machine: %s", warning)
+    return warning
+
+
 def default_feedback_db() -> Path:
     """`$TOOLKIT_HOME/feedback.db`."""
     from toolkit.model_source import toolkit_home

@@ -47,11 +47,14 @@ def build_gateway(settings: ServeSettings) -> Any:
         default_feedback_db,
         log_choice,
         resolve_served_model,
+        warn_inexact_vllm,
     )
 
     served = resolve_served_model(settings.model, settings.model_name)
     choice, reason = choose_engine(settings, served)
     log_choice(choice, reason, served)
+    if choice == EngineChoice.vllm:
+        warn_inexact_vllm(settings, served)
     if settings.engine_args and choice != EngineChoice.vllm:
         log.warning("ignoring the extra arguments %s: they pass through to vLLM only",
                     settings.engine_args)

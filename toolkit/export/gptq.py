@@ -81,7 +81,7 @@ GPTQ_REASON = (
     "Symmetric groups of 32, each group's range shrunk to the grid point with the least "
     "|error|^2.4 (gptqmodel mse 2.4: the clipping search of the GPTQ reference code). Measured "
     "on the demo fine-tune of SmolLM2-135M (2 AVX2 cores), whole exports: with the search "
-    "+11.7 % perplexity (fr +13.6, en +8.1) against +15.9 % without it, in 814 s against "
+    "+11.7 % perplexity (fr +13.5, en +8.0) against +15.9 % without it, in 769-814 s against "
     "1024 s. Earlier (benchmarks/quant_methods.py): g32 symmetric +16.8 % against "
     "+19.2 % for the former default (g64 symmetric); g32 with desc_act +14.9 %; g32 asymmetric "
     "+7.5 % (fr +9.1 %, en +4.3 %), within the 4-bit target, but vLLM's GPTQ loader takes "

@@ -276,6 +276,8 @@ print(json.dumps(float((out.double() - exact).abs().max() / exact.abs().max())))
 @pytest.mark.integration
 @pytest.mark.skipif(REAL_VLLM is None, reason="no vLLM venv: bash scripts/setup-vllm-venv.sh "
                                               "(or set TOOLKIT_VLLM_PYTHON)")
+@pytest.mark.skipif(os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper() != "ALL",
+                    reason="ONEDNN_MAX_CPU_ISA caps oneDNN below what the CPU flags say")
 def test_real_vllm_int8_gemm_is_exact_only_with_vnni() -> None:
     """What the ct-w8a8 report's saturation warning rests on, checked on this CPU: without
     VNNI, vLLM-CPU's int8 GEMM saturates int16 pairs; with it, the products are exact."""

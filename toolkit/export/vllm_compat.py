@@ -41,12 +41,23 @@ class VllmInfo:
     methods: tuple[str, ...]  # quantization methods usable on its platform
 
 
-@lru_cache(maxsize=4)
 def probe_vllm(python: str | None = None) -> VllmInfo | str:
-    """Ask the vLLM venv about itself; returns a reason string when there is none."""
+    """Ask the vLLM venv about itself; returns a reason string when there is none.
+
+    Cached per interpreter it resolves to (argument, $TOOLKIT_VLLM_PYTHON, sibling venv), not
+    per argument: with the argument left out, a changed variable is a new question.
+    """
     from toolkit.export.sidecar import VLLM
 
     candidate, origin = VLLM.candidate(python)
+    return _probe(candidate, origin)
+
+
+@lru_cache(maxsize=4)
+def _probe(candidate: Path, origin: str) -> VllmInfo | str:
+    """`probe_vllm` for one resolved interpreter (one subprocess that imports vLLM)."""
+    from toolkit.export.sidecar import VLLM
+
     if not candidate.is_file():
         if origin == "default":
             return (f"no vLLM configured here (set {VLLM_PYTHON_ENV} to the python of a vLLM "

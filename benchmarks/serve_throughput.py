@@ -47,6 +47,8 @@ from typing import Any
 
 import httpx
 
+from toolkit.cpu import cpu_flags
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llama_server  # the benchmarks folder is not a package
 
@@ -386,7 +388,7 @@ def main(argv: list[str] | None = None) -> None:
                 "prompt_cache": args.prompt_cache, "system_prompt": args.system_prompt,
                 "clients": args.clients,
                 "llama_cpp": f"b{llama_server.LLAMA_TAG}",
-                "llama_cmake": llama_server.cmake_options(llama_server.cpu_flags())}
+                "llama_cmake": llama_server.cmake_options(cpu_flags())}
     unequal = [r for r in rows if r["answer_tokens"] != [args.max_tokens] * 2]
     if unequal:
         print(f"WARNING: answers of unequal length in {[r['setup'] for r in unequal]}")

@@ -83,7 +83,7 @@ def main() -> None:
                         help="write benchmarks/results/vllm_quantized.json and re-render the docs")
     args = parser.parse_args()
 
-    from toolkit.export.vllm_compat import cpu_flags
+    from toolkit.export.vllm_compat import kernel_flags
     from toolkit.export.vllm_proof import VllmModel, run_vllm_job
 
     folders = {"bf16": args.reference}
@@ -113,7 +113,7 @@ def main() -> None:
 
         save("vllm_quantized", {"reference": str(args.reference), "tokens": args.tokens,
                                 "rounds": args.rounds, "threads": args.threads,
-                                "eval": str(args.eval), "cpu_flags": cpu_flags(),
+                                "eval": str(args.eval), "cpu_flags": kernel_flags(),
                                 "target": {"speedup": TARGET_SPEEDUP,
                                            "delta_pct": TARGET_DELTA_PCT}}, rows)
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+import toolkit.cpu
 from tests.artifact_builders import save_lora_adapter, write_run_manifest
 from toolkit.artifacts import ADAPTER_DIR, REPORT_KEYS
 from toolkit.atomic import ExportExistsError
@@ -543,13 +544,13 @@ def test_vllm_support_is_checked_against_the_installed_vllm(monkeypatch: pytest.
     absent = vllm_support(ExportFormat.merged, "no vLLM configured here")
     assert not absent["loadable"] and not absent["checked"]
     assert engine_hint(ExportFormat.merged, absent) == ["transformers"]
-    monkeypatch.setattr(vllm_compat, "cpu_flags", lambda: ["avx2"])
+    monkeypatch.setattr(toolkit.cpu, "cpu_flags", lambda: frozenset({"avx2"}))
     w8a8 = vllm_support(ExportFormat.ct_w8a8, cpu)
     assert w8a8["loadable"] and "saturate" in w8a8["warning"] and "onnx-w8a8" in w8a8["warning"]
     cuda = VllmInfo("python", "0.32.0", "cuda", ("compressed-tensors",))
     assert vllm_support(ExportFormat.ct_w8a8, cuda)["loadable"]
     assert "warning" not in vllm_support(ExportFormat.ct_w8a8, cuda)
-    monkeypatch.setattr(vllm_compat, "cpu_flags", lambda: ["avx2", "avx_vnni"])
+    monkeypatch.setattr(toolkit.cpu, "cpu_flags", lambda: frozenset({"avx2", "avx_vnni"}))
     assert "warning" not in vllm_support(ExportFormat.ct_w8a8, cpu)
     onnx = vllm_support(ExportFormat.onnx_int8, cpu)
     assert not onnx["loadable"] and engine_hint(ExportFormat.onnx_int8, onnx) == ["onnxruntime"]

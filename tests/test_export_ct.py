@@ -24,10 +24,11 @@ from tests.conftest import REPO_ROOT
 from tests.serve_helpers import live_gateway
 from tests.test_export import export_data, make_run, tiny_run  # noqa: F401 (fixtures)
 from tests.tiny_model import VLLM_TINY_SIZES, build_tiny_model
+from toolkit.cpu import cpu_has_vnni
 from toolkit.errors import MissingExtraError
 from toolkit.export.registry import unavailable_reason
 from toolkit.export.sidecar import LLMCOMPRESSOR, VLLM
-from toolkit.export.vllm_compat import VllmInfo, cpu_has_vnni, engine_hint, vllm_support
+from toolkit.export.vllm_compat import VllmInfo, engine_hint, vllm_support
 from toolkit.export.vllm_proof import VllmModel, prove_export, root_cause, run_vllm_job
 from toolkit.formats import REGISTRY, ExportFormat
 

@@ -129,27 +129,86 @@ def test_smoothing_keeps_an_outlier_channel_from_flattening_the_others() -> None
     assert errors[0.9] < errors[0.0] / 3, errors
 
 
-def test_integer_products_are_exact_where_int16_pairs_would_saturate() -> None:
+def _int8_weights(model: object) -> object:
+    """The graph as onnx-w8a8 exports were written before uint8 weights: the same integer
+    levels stored as int8 (zero point 0), so MLAS runs its uint8 x int8 kernel."""
+    from onnx import numpy_helper
+
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    graph.initializer.append(numpy_helper.from_array(np.array(0, dtype=np.int8), "int8_zero"))
+    for node in graph.node:
+        if node.op_type == INTEGER_GEMM:
+            weight = initializers[node.input[1]]
+            levels = numpy_helper.to_array(weight).astype(np.int16) - 128
+            weight.CopyFrom(numpy_helper.from_array(levels.astype(np.int8), weight.name))
+            node.input[5] = "int8_zero"
+    return model
+
+
+def test_integer_products_are_exact_where_int16_pairs_would_saturate(tmp_path: Path) -> None:
     """Full-scale weights of one sign meeting loud activations: every pair of products is
     beyond int16 (255 x 127 x 2), where MLAS's uint8 x int8 kernel saturates on CPUs without
     AVX512-VNNI. The rewrite's output is the exact dequantized product on any CPU, and a row
-    of zeros comes out as zeros (its scale is 0, with no guard node)."""
+    of zeros comes out as zeros (its scale is 0, with no guard node). The same levels stored
+    as int8 (exports before uint8 weights) are found in the graph, which is what the load-time
+    warning rests on, and come out exact only on a VNNI CPU."""
+    import onnx
     import onnxruntime as ort
+
+    from toolkit.cpu import cpu_has_vnni
+    from toolkit.runtime.onnx_model import int8_weight_gemms
 
     rng = np.random.default_rng(7)
     weight = np.where(rng.random((64, 24)) < 0.8, 1.0, -1.0).astype(np.float32)
     x = np.abs(rng.normal(0, 1, (5, 64))).astype(np.float32) + 2.0
     x[1] *= -1
     x[3] = 0.0
-    model = _one_matmul(weight)
-    rewrite_matmuls(model, {"x": np.ones(64, dtype=np.float32)}, 0.0)
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    got = session.run(["y"], {"x": x})[0]
     row_scale = np.maximum(np.abs(x).max(axis=1, keepdims=True), 1e-30) / 127
     levels = np.clip(np.round(x / row_scale), -127, 127).astype(np.int64)
     exact = (levels @ np.round(weight * 127).astype(np.int64)) * row_scale / 127
-    assert np.isfinite(got).all() and not got[3].any()
-    np.testing.assert_allclose(got, exact, rtol=1e-5, atol=1e-5)
+    got = {}
+    for layout in ("uint8", "int8"):
+        model = _one_matmul(weight)
+        rewrite_matmuls(model, {"x": np.ones(64, dtype=np.float32)}, 0.0)
+        if layout == "int8":
+            model = _int8_weights(model)
+        onnx.save(model, tmp_path / f"{layout}.onnx")
+        assert len(int8_weight_gemms(tmp_path / f"{layout}.onnx")) == (layout == "int8")
+        session = ort.InferenceSession(model.SerializeToString(),
+                                       providers=["CPUExecutionProvider"])
+        got[layout] = session.run(["y"], {"x": x})[0]
+    assert np.isfinite(got["uint8"]).all() and not got["uint8"][3].any()
+    np.testing.assert_allclose(got["uint8"], exact, rtol=1e-5, atol=1e-5)
+    assert np.allclose(got["int8"], exact, rtol=1e-5, atol=1e-5) == cpu_has_vnni()
+
+
+def test_loading_an_int8_weight_export_warns_where_the_cpu_has_no_vnni(
+        w8a8, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    import onnx
+
+    import toolkit.cpu
+    from toolkit.runtime.onnx_model import ONNX_FILE, OnnxCausalLM
+
+    new, _ = w8a8
+    old = tmp_path / "old-w8a8"
+    shutil.copytree(new, old, ignore=shutil.ignore_patterns("model.onnx*"))
+    onnx.save(_int8_weights(onnx.load(new / ONNX_FILE)), old / ONNX_FILE,
+              save_as_external_data=True, location="model.onnx_data")
+
+    def warnings_on_load(flags: set[str], folder: Path) -> list[str]:
+        monkeypatch.setattr(toolkit.cpu, "cpu_flags", lambda: frozenset(flags))
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="toolkit.runtime"):
+            OnnxCausalLM.from_dir(folder, threads=1)
+        return [r.getMessage() for r in caplog.records]
+
+    (warning,) = warnings_on_load({"avx2"}, old)
+    assert str(old) in warning and "int8 weights" in warning
+    assert "toolkit export --quantize onnx-w8a8" in warning
+    assert warnings_on_load({"avx2", "avx512_vnni"}, old) == []
+    assert warnings_on_load({"avx2"}, new) == []
 
 
 def _mlp(gamma: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> object:

@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+import toolkit.cpu
 from tests.artifact_builders import make_export, write_run_manifest
 from tests.conftest import REPO_ROOT
 from tests.serve_helpers import FAKE, live_gateway, sample, sse_events
@@ -99,7 +100,7 @@ def test_serve_warns_of_inexact_int8_vllm_on_cpus_without_vnni(tmp_path, monkeyp
 
     cpu = vllm_compat.VllmInfo("python", "0.32.0", "cpu", ("compressed-tensors",))
     monkeypatch.setattr(vllm_compat, "probe_vllm", lambda python=None: cpu)
-    monkeypatch.setattr(vllm_compat, "cpu_flags", lambda: ["avx2"])
+    monkeypatch.setattr(toolkit.cpu, "cpu_flags", lambda: frozenset({"avx2"}))
     w8a8 = make_export(tmp_path, "ct-w8a8", {"vllm": {"loadable": True}})
     settings = ServeSettings(model=str(w8a8), engine="vllm", vllm_python=sys.executable)
     served = resolve_served_model(settings.model)
@@ -108,9 +109,9 @@ def test_serve_warns_of_inexact_int8_vllm_on_cpus_without_vnni(tmp_path, monkeyp
     assert any("onnx-w8a8" in r.getMessage() for r in caplog.records)
     merged = make_export(tmp_path / "m", "merged", {"vllm": {"loadable": True}})
     assert warn_inexact_vllm(settings, resolve_served_model(str(merged))) is None
-    monkeypatch.setattr(vllm_compat, "cpu_flags", lambda: ["avx2", "avx512_vnni"])
+    monkeypatch.setattr(toolkit.cpu, "cpu_flags", lambda: frozenset({"avx2", "avx512_vnni"}))
     assert warn_inexact_vllm(settings, served) is None
-    monkeypatch.setattr(vllm_compat, "cpu_flags", lambda: ["avx2"])
+    monkeypatch.setattr(toolkit.cpu, "cpu_flags", lambda: frozenset({"avx2"}))
     gpu = vllm_compat.VllmInfo("python", "0.32.0", "cuda", ("compressed-tensors",))
     monkeypatch.setattr(vllm_compat, "probe_vllm", lambda python=None: gpu)
     assert warn_inexact_vllm(settings, served) is None

@@ -18,6 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from toolkit.cpu import cpu_flags, cpu_has_avx512, cpu_has_vnni
 from toolkit.formats import REGISTRY, ExportFormat
 
 VLLM_PYTHON_ENV = "TOOLKIT_VLLM_PYTHON"
@@ -77,11 +78,9 @@ def _probe(candidate: Path, origin: str) -> VllmInfo | str:
     return VllmInfo(python, str(data["version"]), str(data["device"]), methods)
 
 
-#: the /proc/cpuinfo flags vLLM-CPU's kernels are chosen by (reports list the ones present)
+#: the CPU flags vLLM-CPU's kernels are chosen by (reports list the ones present)
 KERNEL_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8",
                 "amx_bf16")
-#: flags with an int8 dot product that accumulates in int32 (no int16 pair saturation)
-VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 #: formats vLLM runs as int8 x int8 GEMMs (int8 activations)
 INT8_GEMM_FORMATS = (ExportFormat.ct_w8a8,)
 SATURATION_WARNING = (
@@ -94,25 +93,10 @@ SATURATION_WARNING = (
 )
 
 
-def cpu_flags(wanted: tuple[str, ...] = KERNEL_FLAGS) -> list[str]:
-    """The CPU's kernel-relevant flags (vLLM-CPU picks kernels from them); [] off Linux."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return []
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
-                  if line.startswith("flags")), [])
-    return [flag for flag in wanted if flag in flags]
-
-
-def cpu_has_avx512() -> bool:
-    """vLLM's CPU GPTQ kernels need AVX512 (avx512f in /proc/cpuinfo)."""
-    return "avx512f" in cpu_flags()
-
-
-def cpu_has_vnni() -> bool:
-    """An int8 dot product into int32 (VNNI or AMX): vLLM-CPU's int8 GEMM is exact."""
-    return any(flag in VNNI_FLAGS for flag in cpu_flags())
+def kernel_flags() -> list[str]:
+    """The `KERNEL_FLAGS` this CPU has, in that order."""
+    flags = cpu_flags()
+    return [flag for flag in KERNEL_FLAGS if flag in flags]
 
 
 def vllm_support(fmt: ExportFormat, info: VllmInfo | str | None = None) -> dict[str, Any]:

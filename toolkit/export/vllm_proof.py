@@ -23,7 +23,7 @@ from typing import Any
 
 from toolkit.errors import MissingExtraError
 from toolkit.export.sidecar import VLLM
-from toolkit.export.vllm_compat import cpu_flags
+from toolkit.export.vllm_compat import kernel_flags
 from toolkit.processes import owned_tempdir, run_child
 
 JOB_SCRIPT = Path(__file__).with_name("vllm_job.py")
@@ -136,7 +136,7 @@ def prove_export(folder: Path, *, dtype: str | None, quantization: str | None,
         quantization, version, device, cpu_flags, checked}.
     """
     block: dict[str, Any] = {**(static or {}), "quantization": quantization,
-                             "cpu_flags": cpu_flags()}
+                             "cpu_flags": kernel_flags()}
     try:
         interpreter = VLLM.resolve(python)
     except MissingExtraError as exc:

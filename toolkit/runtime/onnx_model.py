@@ -15,6 +15,7 @@ its transformers 4.x) stays in the exporter venv. Two graph layouts share the na
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -23,13 +24,19 @@ from typing import Any
 
 import numpy as np
 
+from toolkit.cpu import VNNI_FLAGS, cpu_has_vnni
 from toolkit.errors import ModelSourceError
 
+log = logging.getLogger("toolkit.runtime")
 ONNX_FILE = "model.onnx"
 #: written by onnxruntime-genai's model builder beside its graph
 GENAI_CONFIG = "genai_config.json"
 _PAST_INPUT = re.compile(r"past_key_values\.(\d+)\.(key|value)")
 _ORT_FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+#: ops that run MLAS's 8-bit GEMM, and the input that holds their (constant) weight
+INTEGER_GEMM_WEIGHT = {"MatMulInteger": 1, "MatMulIntegerToFloat": 1, "DynamicQuantizeMatMul": 1,
+                       "QLinearMatMul": 3}
 
 #: (sequence index in the batch, tokens generated so far for it) -> stop this sequence now
 StopFn = Callable[[int, list[int]], bool]
@@ -128,7 +135,11 @@ class OnnxCausalLM:
         if threads is not None:
             options.intra_op_num_threads = threads
         session = ort.InferenceSession(str(path / ONNX_FILE), options, providers=list(providers))
-        return cls(session, path)
+        lm = cls(session, path)
+        warning = int8_saturation_warning(path / ONNX_FILE)
+        if warning:
+            log.warning("%s: %s", path, warning)
+        return lm
 
     def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
         """Logits for every position of a batch, without cache: what verification compares.
@@ -245,6 +256,40 @@ class OnnxCausalLM:
         if self.has_logit_positions:  # every position: what scoring and verification compare
             feed[LOGIT_POSITIONS] = np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy()
         return feed
+
+
+def int8_weight_gemms(graph: Path) -> list[str]:
+    """The graph's integer GEMMs whose constant weights are int8 (not uint8).
+
+    MLAS multiplies their uint8 activations by int8 weights with `vpmaddubsw` on CPUs without
+    VNNI, which adds each pair of products in a saturating int16 (`toolkit.cpu`). onnx-w8a8
+    exports written before its weights became uint8 have 90 such GEMMs, and so do graphs from
+    onnxruntime's `quantize_dynamic` (int8 weights by default). Only the graph's structure is
+    read, not its external weights.
+    """
+    import onnx
+
+    model = onnx.load(str(graph), load_external_data=False)
+    int8 = {init.name for init in model.graph.initializer
+            if init.data_type == onnx.TensorProto.INT8}
+    return [node.name or node.output[0] for node in model.graph.node
+            if node.op_type in INTEGER_GEMM_WEIGHT
+            and len(node.input) > INTEGER_GEMM_WEIGHT[node.op_type]
+            and node.input[INTEGER_GEMM_WEIGHT[node.op_type]] in int8]
+
+
+def int8_saturation_warning(graph: Path) -> str | None:
+    """Why this graph computes some products wrong on this CPU, or None where it is exact."""
+    if cpu_has_vnni():
+        return None
+    gemms = int8_weight_gemms(graph)
+    if not gemms:
+        return None
+    return (f"{len(gemms)} integer GEMM(s) of this graph multiply by int8 weights, which this "
+            f"CPU (no {' / '.join(VNNI_FLAGS)}) adds in saturating int16 pairs: some outputs "
+            "come out wrong (~1 % of a layer's, measured on AVX2 with onnx-w8a8 exports written "
+            "before their weights became uint8). Re-export with `toolkit export --quantize "
+            "onnx-w8a8` (uint8 weights: exact on every CPU)")
 
 
 def _genai_decoder(path: Path) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from toolkit.config import BaseQuantization, LoraSection, Precision, TrainConfig
+from toolkit.cpu import cpu_model
 from toolkit.errors import ConfigError, UnsupportedHardwareError
 from toolkit.extras import cuda_available, require
 
@@ -69,7 +70,7 @@ def resolve_hardware(cfg: TrainConfig) -> Hardware:
             )
         require("bitsandbytes", "training.quantization: nf4 (QLoRA)")
     if not cuda:
-        name = _cpu_name() or platform.processor() or platform.machine() or "cpu"
+        name = cpu_model() or platform.processor() or platform.machine() or "cpu"
         return cpu_hardware(name, requested, cpu_has_native_bf16())
     import torch
 
@@ -104,17 +105,6 @@ def cpu_has_native_bf16() -> bool:
 
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(bool(getattr(torch.cpu, probe, lambda: False)()) for probe in probes)
-
-
-def _cpu_name() -> str | None:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        return None
-    return None
 
 
 def torch_dtype(precision: Precision) -> Any:

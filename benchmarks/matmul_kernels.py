@@ -124,13 +124,18 @@ def time_once(sess: Any, feeds: dict[str, np.ndarray], budget_s: float = 0.3) ->
 
 
 def measure(shapes: list[tuple[int, int]], threads: int, rounds: int) -> list[dict[str, Any]]:
-    """Every kernel at every row count, kernels interleaved within each round."""
-    sessions = {k.name: session(k, shapes, threads) for k in KERNELS}
+    """Every kernel at every row count, kernels interleaved within each round.
+
+    Sessions are made anew every round, in that round's order: on this VM, of identical
+    sessions made one after another in one process the last ran up to 1.2x faster than the
+    first, so sessions made once, in a fixed order, would favour the kernel made last.
+    """
     rng = np.random.default_rng(1)
     widths = sorted({k for k, _ in shapes})
     found: dict[tuple[str, int], list[float]] = {}
     for r in range(rounds):
         order = KERNELS if r % 2 == 0 else tuple(reversed(KERNELS))
+        sessions = {k.name: session(k, shapes, threads) for k in order}
         for rows in ROWS:
             feeds = {f"x{k}": rng.standard_normal((rows, k)).astype(np.float32) for k in widths}
             for kernel in order:

@@ -325,6 +325,20 @@ def render_matmul_kernels(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def render_huge_pages(data: dict[str, Any]) -> str:
+    """One-row decode steps with the weights in huge pages against the same graph without."""
+    lines = ["| export | weights in huge pages | step without | step with | speedup |",
+             "|---|---|---|---|---|"]
+    for row in data["rows"]:
+        lines.append(f"| {row['export']} | {row['huge_mb']} MB | {row['base_step_ms']:.2f} ms | "
+                     f"{row['huge_step_ms']:.2f} ms | {row['speedup']:.2f}x |")
+    settings = data["settings"]
+    lines += ["", (f"One process per export, both sessions in it, {settings['threads']} threads, "
+                   f"median step of {settings['tokens']} greedy tokens at one row, median of "
+                   f"{settings['rounds']} interleaved rounds; speedup > 1: huge pages faster.")]
+    return "\n".join(lines)
+
+
 #: every name here has a saved result and a README block (tests/test_benchmark_results.py)
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "export_quality": render_export_quality,
@@ -337,6 +351,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "quant_methods_demo": render_quant_methods,
     "serve_throughput": render_serve_throughput,
     "matmul_kernels": render_matmul_kernels,
+    "huge_pages": render_huge_pages,
 }
 
 

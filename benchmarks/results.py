@@ -22,7 +22,7 @@ import platform
 import re
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -310,12 +310,17 @@ def render_gateway_overhead(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _table(columns: list[str], rows: Iterable[list[str]]) -> list[str]:
+    """The lines of a Markdown table."""
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
+            *("| " + " | ".join(cells) + " |" for cells in rows)]
+
+
 def render_matmul_kernels(data: dict[str, Any]) -> str:
     """ORT's weight-only matmul kernels against fp32 SGEMM at serving's row counts."""
-    lines = ["| kernel | rows | ms per layer | vs fp32 | batch gain |", "|---|---|---|---|---|"]
-    for row in data["rows"]:
-        lines.append(f"| {row['kernel']} | {row['rows']} | {row['ms_per_layer']:.3f} | "
-                     f"{row['vs_fp32']:.2f}x | {row['batch_gain']:.1f}x |")
+    lines = _table(["kernel", "rows", "ms per layer", "vs fp32", "batch gain"],
+                   ([row["kernel"], str(row["rows"]), f"{row['ms_per_layer']:.3f}",
+                     f"{row['vs_fp32']:.2f}x", f"{row['batch_gain']:.1f}x"] for row in data["rows"]))
     settings = data["settings"]
     lines += ["", (f"One {settings['config']} decoder layer's matmuls (in, out: "
                    f"{', '.join(f'{k}x{n}' for k, n in settings['shapes'])}), "
@@ -327,11 +332,10 @@ def render_matmul_kernels(data: dict[str, Any]) -> str:
 
 def render_huge_pages(data: dict[str, Any]) -> str:
     """One-row decode steps with the weights in huge pages against the same graph without."""
-    lines = ["| export | weights in huge pages | step without | step with | speedup |",
-             "|---|---|---|---|---|"]
-    for row in data["rows"]:
-        lines.append(f"| {row['export']} | {row['huge_mb']} MB | {row['base_step_ms']:.2f} ms | "
-                     f"{row['huge_step_ms']:.2f} ms | {row['speedup']:.2f}x |")
+    lines = _table(["export", "weights in huge pages", "step without", "step with", "speedup"],
+                   ([row["export"], f"{row['huge_mb']} MB", f"{row['base_step_ms']:.2f} ms",
+                     f"{row['huge_step_ms']:.2f} ms", f"{row['speedup']:.2f}x"]
+                    for row in data["rows"]))
     settings = data["settings"]
     lines += ["", (f"One process per export, both sessions in it, {settings['threads']} threads, "
                    f"median step of {settings['tokens']} greedy tokens at one row, median of "

@@ -289,10 +289,15 @@ def int8_weight_gemms(graph: Path) -> list[str]:
 
 
 def int8_saturation_warning(graph: Path) -> str | None:
-    """Why this graph computes some products wrong on this CPU, or None where it is exact."""
+    """Why this graph computes some products wrong on this CPU, or None where it is exact
+    (or where the `onnx` package, which reads the graph, is not installed: serving needs only
+    onnxruntime)."""
     if cpu_has_vnni():
         return None
-    gemms = int8_weight_gemms(graph)
+    try:
+        gemms = int8_weight_gemms(graph)
+    except ImportError:
+        return None
     if not gemms:
         return None
     return (f"{len(gemms)} integer GEMM(s) of this graph multiply by int8 weights, which this "

@@ -4,9 +4,8 @@
 
 For each export (default: runs/demo's onnx-w8a8, onnx-int4 and onnx-int8), in a process of its
 own, two sessions of the same graph are opened: first the served one, whose weights
-`toolkit.runtime.huge_pages.back_with_huge_pages` moves into 2 MB pages (what
-`OnnxCausalLM.from_dir` does), then a baseline opened after it with `huge_pages=False`, whose
-mappings were never advised (checked: the process's huge-page total does not grow). Rounds
+`toolkit.runtime.huge_pages.back_with_huge_pages` moves into 2 MB pages (what the ONNX engine
+does at start), then a baseline opened after it, whose mappings were never advised (checked: the process's huge-page total does not grow). Rounds
 interleave them (A B B A): each run prefills a 48-token prompt and decodes `--tokens` greedy
 tokens at one row with the in-place KV backend, 2 threads; a run's figure is its median step.
 speedup = baseline step / huge-page step (> 1: huge pages are faster). The baseline is the
@@ -44,14 +43,15 @@ def median_step_ms(backend: Any, prompt: list[int], tokens: int) -> float:
 
 def measure(export: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Both sessions of one export, interleaved."""
-    from toolkit.runtime.huge_pages import anon_huge_mb
+    from toolkit.runtime.huge_pages import anon_huge_mb, back_with_huge_pages
     from toolkit.runtime.onnx_model import OnnxCausalLM
     from toolkit.runtime.onnx_steps import step_backend
 
     capacity = 48 + args.tokens
     served = OnnxCausalLM.from_dir(export, threads=args.threads)
-    huge_mb = anon_huge_mb()
-    baseline = OnnxCausalLM.from_dir(export, threads=args.threads, huge_pages=False)
+    pages = back_with_huge_pages()
+    huge_mb = pages.huge_mb
+    baseline = OnnxCausalLM.from_dir(export, threads=args.threads)
     if anon_huge_mb() > huge_mb + 8:
         raise RuntimeError("the baseline's weights got huge pages too (THP `always`?): "
                            "no baseline to compare with")
@@ -64,7 +64,7 @@ def measure(export: Path, args: argparse.Namespace) -> dict[str, Any]:
     huge_ms, base_ms = statistics.median(found["huge"]), statistics.median(found["base"])
     row = {"export": export.name, "huge_mb": huge_mb, "base_step_ms": round(base_ms, 2),
            "huge_step_ms": round(huge_ms, 2), "speedup": round(base_ms / huge_ms, 3),
-           "pages": served.huge_pages.reason if served.huge_pages else None}
+           "pages": pages.reason}
     print(f"{export.name:12s} huge pages {huge_mb} MB: step {base_ms:.2f} -> {huge_ms:.2f} ms, "
           f"{row['speedup']:.2f}x  ({row['pages']})", flush=True)
     return row

@@ -302,9 +302,12 @@ def test_onnx_batched_decoding_matches_solo_and_torch(tiny_onnx_dir, torch_backe
     np.testing.assert_allclose(backend.prefill([ids])[1], torch_be.prefill([ids])[1], atol=1e-3)
 
 
-def test_onnx_export_served_by_auto_engine(tiny_onnx_dir, tiny_gateway):
-    with live_gateway(tiny_onnx_dir, engine="auto", model_name="tiny", threads=1) as live:
+def test_onnx_export_served_by_auto_engine(tiny_onnx_dir, tiny_gateway, caplog):
+    with caplog.at_level("INFO", logger="toolkit.serve"), \
+            live_gateway(tiny_onnx_dir, engine="auto", model_name="tiny", threads=1) as live:
         assert live.app.state.gateway.info.engine == "onnxruntime"
+        # the served weights were offered to huge pages once loaded (runtime.huge_pages)
+        assert any("weights in huge pages" in r.getMessage() for r in caplog.records)
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             onnx = list(pool.map(lambda p: chat(live.base_url, p, max_tokens=8, temperature=0),
                                  PROMPTS))

@@ -26,7 +26,6 @@ import numpy as np
 
 from toolkit.cpu import VNNI_FLAGS, cpu_has_vnni
 from toolkit.errors import ModelSourceError
-from toolkit.runtime.huge_pages import HugePages, back_with_huge_pages
 
 log = logging.getLogger("toolkit.runtime")
 ONNX_FILE = "model.onnx"
@@ -104,13 +103,10 @@ class OnnxCausalLM:
         self._has_position_ids = "position_ids" in inputs
         #: the graph computes logits only where asked (graphs exported before it: everywhere)
         self.has_logit_positions = LOGIT_POSITIONS in inputs
-        #: what `from_dir` did about page sizes (None: not asked)
-        self.huge_pages: HugePages | None = None
 
     @classmethod
     def from_dir(cls, path: Path, threads: int | None = None,
-                 providers: Sequence[str] = ("CPUExecutionProvider",),
-                 huge_pages: bool = True) -> OnnxCausalLM:
+                 providers: Sequence[str] = ("CPUExecutionProvider",)) -> OnnxCausalLM:
         """Open `path/model.onnx` (its external data file is found next to it).
 
         Args:
@@ -118,8 +114,6 @@ class OnnxCausalLM:
             threads: intra-op threads; None lets ONNX Runtime use every physical core. Pin it
                 in benchmarks: on shared cores more threads can be slower.
             providers: ONNX Runtime execution providers, in order of preference.
-            huge_pages: back the loaded weights with transparent huge pages
-                (`runtime.huge_pages`: a faster decode step); False only for a baseline.
 
         Raises:
             ModelSourceError: the folder holds no ONNX export with a KV cache.
@@ -145,10 +139,6 @@ class OnnxCausalLM:
         warning = int8_saturation_warning(path / ONNX_FILE)
         if warning:
             log.warning("%s: %s", path, warning)
-        if huge_pages:
-            lm.huge_pages = back_with_huge_pages()
-            log.info("%s: huge pages: %d MB (%s)", path, lm.huge_pages.huge_mb,
-                     lm.huge_pages.reason)
         return lm
 
     def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:

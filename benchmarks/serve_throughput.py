@@ -67,6 +67,8 @@ BITS = {"onnx-int8": "int8", "onnx-w8a8": "int8", "onnx-int4": "4-bit", "onnx": 
 #: the toolkit exports served by default, when the run has them
 DEFAULT_EXPORTS = ("onnx-int8", "onnx-w8a8", "onnx-int4")
 QUANT_BITS = {"Q8_0": "int8", "Q4_1": "4-bit", "Q4_K_M": "4-bit"}
+#: setup name suffix of a gateway that drafts tokens (`--speculative-tokens`)
+SPECULATING = " +ngram"
 
 
 @dataclass
@@ -242,20 +244,23 @@ def stop(proc: subprocess.Popen) -> None:
             proc.kill()
 
 
-def toolkit_setup(export: Path, args: argparse.Namespace) -> Setup:
-    """The gateway serving `export` with its auto-chosen embedded engine."""
+def toolkit_setup(export: Path, args: argparse.Namespace, speculate: bool) -> Setup:
+    """The gateway serving `export` with its auto-chosen embedded engine, drafting or not."""
     from toolkit.artifacts import export_format
 
     fmt = export_format(export).value
     port = free_port()
     command = [sys.executable, "-m", "toolkit", "serve", str(export), "--port", str(port),
                "--max-concurrency", str(max(args.clients)), "--model-name", "bench",
-               "--threads", str(args.threads), "--feedback-db", str(args.workdir / "feedback.db")]
+               "--threads", str(args.threads), "--feedback-db", str(args.workdir / "feedback.db"),
+               "--speculative-tokens", str(args.speculative_tokens if speculate else 0)]
     if args.prompt_cache == "off":
         command += ["--prefix-cache-mb", "0"]
-    proc = start(command, args.workdir / f"toolkit-{export.name}.log",
+    name = f"{export.name}{SPECULATING if speculate else ''}"
+    proc = start(command, args.workdir / f"toolkit-{name}.log",
                  env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(args.threads)})
-    return Setup(f"toolkit {fmt}", "toolkit", BITS.get(fmt, fmt), f"http://127.0.0.1:{port}", proc)
+    return Setup(f"toolkit {fmt}{SPECULATING if speculate else ''}", "toolkit",
+                 BITS.get(fmt, fmt), f"http://127.0.0.1:{port}", proc)
 
 
 def llama_setups(args: argparse.Namespace) -> list[Setup]:
@@ -341,6 +346,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="both servers reuse cached prompt prefixes (the toolkit's prefix "
                              "cache, llama-server's cache_prompt), or neither does")
     parser.add_argument("--threads", type=int, default=2, help="threads of every server")
+    parser.add_argument("--speculation", choices=["on", "off", "both"], default="both",
+                        help="toolkit gateways draft tokens by n-gram lookup while one request "
+                             "runs alone (`toolkit serve --speculative-tokens`), or not, or both "
+                             "side by side (default; llama-server runs without drafts)")
+    parser.add_argument("--speculative-tokens", type=int, default=4,
+                        help="the drafting gateways' --speculative-tokens")
     parser.add_argument("--vllm-python", type=Path, default=os.environ.get("TOOLKIT_VLLM_PYTHON"),
                         help="add the vLLM setups (interpreter of a venv with vllm)")
     parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "bench-serve",
@@ -370,7 +381,9 @@ def main(argv: list[str] | None = None) -> None:
           "pass), 2 passes", flush=True)
     setups: list[Setup] = []
     try:
-        setups += [toolkit_setup(export, args) for export in args.toolkit]
+        setups += [toolkit_setup(export, args, speculate) for export in args.toolkit
+                   for speculate in {"on": [True], "off": [False], "both": [False, True]}[
+                       args.speculation]]
         setups += llama_setups(args)
         for setup in setups:
             if setup.proc is not None:
@@ -386,6 +399,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = {"run": str(args.run), "threads": args.threads, "max_tokens": args.max_tokens,
                 "rounds": args.rounds, "min_requests": args.min_requests, "passes": 2,
                 "prompt_cache": args.prompt_cache, "system_prompt": args.system_prompt,
+                "speculation": args.speculation, "speculative_tokens": args.speculative_tokens,
                 "clients": args.clients,
                 "llama_cpp": f"b{llama_server.LLAMA_TAG}",
                 "llama_cmake": llama_server.cmake_options(cpu_flags())}

@@ -60,6 +60,22 @@ def tiny_gqa_fp32(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 
 
 @pytest.fixture(scope="session")
+def tiny_gqa_dir(tiny_gqa_fp32: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of `tiny_gqa_fp32` with an export report, as `toolkit serve` finds it."""
+    import shutil
+
+    from tests.artifact_builders import export_report
+    from toolkit.artifacts import write_export
+
+    out = tmp_path_factory.mktemp("tiny-gqa-served") / "gqa"
+    shutil.copytree(tiny_gqa_fp32, out)
+    files = {p.name for p in out.iterdir()}
+    assert {"genai_config.json", "config.json"} <= files
+    write_export(out, export_report(out, "onnx", dtype="fp32", max_model_len=1024))
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_onnx_dir(tiny_onnx_export: tuple[Path, dict],
                   tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of `tiny_onnx_export` with an export report, as `toolkit serve` finds it."""

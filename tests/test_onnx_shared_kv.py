@@ -11,7 +11,6 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.artifact_builders import export_report
 from tests.serve_helpers import live_gateway
 from tests.test_serve_engines import (
     PROMPTS,
@@ -19,17 +18,6 @@ from tests.test_serve_engines import (
     check_batched_equals_solo,
     check_disconnect_leaves_the_batch,
 )
-from toolkit.artifacts import write_export
-
-
-@pytest.fixture(scope="module")
-def tiny_gqa_dir(tiny_gqa_fp32, tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny-gqa-served") / "gqa"
-    shutil.copytree(tiny_gqa_fp32, out)
-    files = {p.name for p in out.iterdir()}
-    assert {"genai_config.json", "config.json"} <= files
-    write_export(out, export_report(out, "onnx", dtype="fp32", max_model_len=1024))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -221,3 +209,26 @@ def test_gateway_serves_it_like_the_old_path(tiny_gqa_dir, tiny_onnx_dir):
         # a finished answer's blocks are kept for the chat's next turn: 40 tokens fill two
         assert blocks_added("answers", 40) - blocks_added("prompt-only", 1) >= 2
         check_disconnect_leaves_the_batch(live.base_url, scheduler)
+
+
+def test_extend_feeds_several_tokens_like_steps_and_rewind_forgets_them(gqa_lm):
+    """Speculation's check: k tokens in one run give each position's logits of k steps, and
+    after a rewind the next step sees only the tokens kept."""
+    backend = _backend(gqa_lm)
+    prompt, fed = [5, 17, 230, 41, 9], [77, 301, 12, 450]
+    state, _ = backend.prefill([prompt])
+    stepped = []
+    for token in fed:
+        state, logits = backend.decode(state, np.array([token]))
+        stepped.append(logits[0])
+    state, _ = backend.prefill([prompt])
+    state, together = backend.extend(state, np.array(fed))
+    np.testing.assert_allclose(together, np.stack(stepped), atol=1e-4)
+    state = backend.rewind(state, 2)  # keep 77, 301; then feed 99
+    _, after = backend.decode(state, np.array([99]))
+    solo, _ = backend.prefill([prompt + fed[:2]])
+    _, expected = backend.decode(solo, np.array([99]))
+    np.testing.assert_allclose(after, expected, atol=1e-4)
+    two, _ = backend.prefill([prompt, prompt])
+    with pytest.raises(ValueError, match="one row at a time"):
+        backend.extend(two, np.array(fed))

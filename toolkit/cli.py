@@ -262,6 +262,7 @@ def serve(
     max_model_len: int | None = _setting("max_model_len"),
     threads: int | None = _setting("threads"),
     prefix_cache_mb: int = _setting("prefix_cache_mb"),
+    speculative_tokens: int = _setting("speculative_tokens"),
     max_tokens_default: int = _setting("max_tokens_default"),
     body_timeout_s: float = _setting("body_timeout_s"),
     shutdown_timeout_s: float = _setting("shutdown_timeout_s"),

@@ -147,11 +147,11 @@ class SharedKvStepBackend(OrtKvLayout):
         return grown
 
     def _run(self, arena: KvArena, ids: np.ndarray, lengths: np.ndarray,
-             last: np.ndarray, first: int = 0) -> np.ndarray:
+             positions: np.ndarray, first: int = 0) -> np.ndarray:
         """One session run over rows [first, first + len(ids)) of `arena` (physical order).
 
         `lengths` are the rows' lengths after the run; a row's cache holds the positions before
-        its `ids`. Returns the logits of each row at its input position `last` (batch, vocab).
+        its `ids`. Returns the logits at each row's input `positions` (rows, k, vocab).
         A graph with `LOGIT_POSITIONS` computes only those: a prompt's other positions would
         cost the lm_head (a fifth of a 135M model's prefill) and a (rows, prompt, vocab) array.
         """
@@ -159,8 +159,8 @@ class SharedKvStepBackend(OrtKvLayout):
         width = int(lengths.max())
         mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
         if self.logit_positions:
-            binding.bind_cpu_input(LOGIT_POSITIONS, last[:, None].astype(np.int64))
-            logits = np.empty((len(ids), 1, self.vocab), dtype=np.float32)
+            binding.bind_cpu_input(LOGIT_POSITIONS, positions.astype(np.int64))
+            logits = np.empty((*positions.shape, self.vocab), dtype=np.float32)
         else:
             logits = np.empty((*ids.shape, self.vocab), dtype=np.float32)
         binding.bind_cpu_input("input_ids", ids)
@@ -169,8 +169,8 @@ class SharedKvStepBackend(OrtKvLayout):
                             logits.ctypes.data)
         self.session.run_with_iobinding(binding)
         if self.logit_positions:
-            return logits[:, 0]
-        return logits[np.arange(len(ids)), last]
+            return logits
+        return logits[np.arange(len(ids))[:, None], positions]
 
     def prefill(self, prompts: list[list[int]],
                 cache_salts: list[str | None] | None = None) -> tuple[SharedKvState, np.ndarray]:
@@ -221,12 +221,12 @@ class SharedKvStepBackend(OrtKvLayout):
             ids = np.zeros((len(cold), int(lengths.max())), dtype=np.int64)
             for r, i in enumerate(cold):
                 ids[r, :len(prompts[i])] = prompts[i]
-            logits[cold] = self._run(arena, ids, lengths, lengths - 1, first=row)
+            logits[cold] = self._run(arena, ids, lengths, (lengths - 1)[:, None], first=row)[:, 0]
         for r, i in enumerate(warm, start=row + len(cold)):
             cached = arena.write(r, matches[i])
             ids = np.asarray([prompts[i][cached:]], dtype=np.int64)
             logits[i] = self._run(arena, ids, np.array([len(prompts[i])]),
-                                  np.array([len(ids[0]) - 1]), first=r)[0]
+                                  np.array([[len(ids[0]) - 1]]), first=r)[0, 0]
         if cache is not None:
             for r, i in enumerate(cold + warm, start=row):
                 cache.store(prompts[i], lambda start, stop, r=r: arena.read(r, start, stop),
@@ -257,10 +257,36 @@ class SharedKvStepBackend(OrtKvLayout):
         ids[state.slots, 0] = tokens
         physical = np.empty_like(lengths)
         physical[state.slots] = lengths
-        logits = self._run(arena, ids, physical, np.zeros(len(ids), dtype=np.int64))
+        logits = self._run(arena, ids, physical, np.zeros((len(ids), 1), dtype=np.int64))[:, 0]
         in_order = bool((state.slots == np.arange(len(state))).all())
         return SharedKvState(arena, state.slots, lengths), \
             logits if in_order else logits[state.slots]
+
+    def extend(self, state: SharedKvState, tokens: np.ndarray) -> tuple[SharedKvState, np.ndarray]:
+        """Feed several tokens to a one-row batch in one run; the logits after each.
+
+        Speculation's check (`runtime.speculation`): the next token and its draft go through
+        the weights once, as a warm prompt's rest does (GroupQueryAttention takes several new
+        tokens after a cache for one row at a time, hence one row).
+
+        Returns:
+            The state, `len(tokens)` positions longer, and logits (len(tokens), vocab).
+        """
+        if len(state) != 1:
+            raise ValueError(f"extend feeds one row at a time, not {len(state)}")
+        lengths = state.lengths + len(tokens)
+        arena = self._fit(state, 1, int(lengths[0]))
+        logits = self._run(arena, np.asarray(tokens, dtype=np.int64)[None, :], lengths,
+                           np.arange(len(tokens))[None, :])
+        return SharedKvState(arena, state.slots, lengths), logits[0]
+
+    def rewind(self, state: SharedKvState, positions: int) -> SharedKvState:
+        """Forget every row's last `positions` cached tokens (a draft's rejected tail).
+
+        Nothing is copied: attention reads a row's first `lengths` positions only, and the
+        next step writes over the rest.
+        """
+        return SharedKvState(state.arena, state.slots, state.lengths - positions)
 
     def select(self, state: SharedKvState, rows: list[int]) -> SharedKvState:
         """Keep `rows`; each physical hole left below the new size gets one row from above it."""

@@ -131,6 +131,12 @@ class ServeSettings(BaseModel):
         "that starts like an earlier one (chat template, system prompt) prefills only the rest; "
         "0 turns the cache off. SmolLM2-135M keeps 46 KiB per token (64 MiB: ~1,400 tokens).",
     )
+    speculative_tokens: int = Field(
+        default=4, ge=0, le=16,
+        description="onnxruntime engine: while one greedy request runs alone, draft up to this "
+        "many tokens from its own prompt and answer (n-gram lookup, vLLM's `ngram` method) and "
+        "check them in one step; the answer is unchanged. 0 turns it off.",
+    )
 
     def __init__(self, **data: Any) -> None:
         try:

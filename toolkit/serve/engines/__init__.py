@@ -59,11 +59,13 @@ def _transformers(settings: ServeSettings, served: ServedModel) -> Engine:
 
 
 def _onnxruntime(settings: ServeSettings, served: ServedModel) -> Engine:
+    from toolkit.runtime.speculation import NgramSpeculation
     from toolkit.serve.engines.onnx_engine import build_onnx_engine
 
     return build_onnx_engine(engine_info(settings, served, EngineChoice.onnxruntime), served.path,
                              settings.batch_rows, settings.engine_threads,
-                             prefix_cache_bytes=settings.prefix_cache_mb << 20)
+                             prefix_cache_bytes=settings.prefix_cache_mb << 20,
+                             speculation=NgramSpeculation(settings.speculative_tokens))
 
 
 def _vllm(settings: ServeSettings, served: ServedModel) -> Engine:

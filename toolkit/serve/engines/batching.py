@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from toolkit.runtime.speculation import DraftPolicy, NgramSpeculation, accepted
 from toolkit.runtime.steps import StepBackend, sample_token
 from toolkit.serve.engines.base import GenerationChunk, PreparedRequest
 
@@ -188,6 +189,8 @@ class SchedulerStats:
     rows_decoded: int = 0
     prefill_s: float = 0.0  # time inside the backend's prefill and decode calls
     decode_s: float = 0.0
+    draft_tokens: int = 0  # speculation: tokens proposed, and those greedy decoding kept
+    accepted_tokens: int = 0
 
 
 class BatchScheduler:
@@ -195,8 +198,13 @@ class BatchScheduler:
 
     def __init__(self, backend: StepBackend, decode: Callable[[list[int]], str],
                  eos_ids: frozenset[int], max_batch: int, name: str = "engine",
-                 on_thread_start: Callable[[], None] | None = None) -> None:
+                 on_thread_start: Callable[[], None] | None = None,
+                 speculation: NgramSpeculation | None = None) -> None:
         self.backend = backend
+        # a backend that can feed one row several tokens (and forget some) can check drafts
+        self.speculation = speculation if speculation is not None and speculation.tokens and \
+            hasattr(backend, "extend") else None
+        self._policy = DraftPolicy(speculation.tokens) if self.speculation else None
         self.decode = decode
         self.eos_ids = eos_ids
         self.max_batch = max_batch
@@ -321,18 +329,67 @@ class BatchScheduler:
             self._next = np.concatenate([self._next, tokens[keep]])
 
     def _step(self) -> None:
+        draft = self._draft(self._active[0]) if self._policy and len(self._active) == 1 \
+            else self._next[:0]
+        if draft.size:
+            length = self._policy.length(len(draft))  # type: ignore[union-attr]
+            if length:
+                self._speculative_step(self._active[0], draft[:length])
+                return
         started = time.perf_counter()
         self._state, logits = self.backend.decode(self._state, self._next)
-        self.stats.decode_s += time.perf_counter() - started
+        elapsed = time.perf_counter() - started
+        self.stats.decode_s += elapsed
         self.stats.steps += 1
         self.stats.rows_decoded += len(self._active)
         self.stats.max_rows = max(self.stats.max_rows, len(self._active))
         tokens = self._sample_all(self._active, logits)
+        if self._policy is not None and len(self._active) == 1:
+            self._policy.record_step(1, elapsed)
+            if draft.size:  # the draft not run: would its first token have been kept?
+                self._policy.record_draft(1, int(draft[0] == tokens[0]))
         finished = [self._accept(seq, int(tokens[i])) for i, seq in enumerate(self._active)]
         self._next = tokens
         if any(finished):
             self._retain([i for i, done in enumerate(finished) if done])
             self._keep([i for i, done in enumerate(finished) if not done])
+
+    def _draft(self, seq: _Sequence) -> np.ndarray:
+        """Draft tokens for a lone greedy row, as many as its answer still has room for."""
+        params = seq.prepared.request.sampling
+        room = seq.prepared.max_tokens - len(seq.generated) - 1
+        if room <= 0 or (params.temperature > 0 and params.top_p > 0):
+            return self._next[:0]  # sampled rows would need rejection sampling: not drafted
+        context = np.asarray(seq.prepared.prompt_ids + seq.generated, dtype=np.int64)
+        return self.speculation.propose(context)[:room]  # type: ignore[union-attr]
+
+    def _speculative_step(self, seq: _Sequence, draft: np.ndarray) -> None:
+        """Feed the next token and its draft in one run; keep what greedy decoding confirms.
+
+        The step yields the confirmed draft tokens and the argmax after the last of them, so
+        one to `len(draft) + 1` tokens, each exactly the token plain greedy steps would give.
+        """
+        started = time.perf_counter()
+        fed = np.concatenate([self._next, draft])
+        state, logits = self.backend.extend(self._state, fed)  # type: ignore[attr-defined]
+        elapsed = time.perf_counter() - started
+        choices = np.asarray(logits.argmax(axis=-1), dtype=np.int64)
+        kept = accepted(draft, choices)
+        self._state = self.backend.rewind(state, len(draft) - kept)  # type: ignore[attr-defined]
+        self._policy.record_step(len(fed), elapsed)  # type: ignore[union-attr]
+        self._policy.record_draft(len(draft), kept)  # type: ignore[union-attr]
+        self.stats.decode_s += elapsed
+        self.stats.steps += 1
+        self.stats.rows_decoded += 1
+        self.stats.max_rows = max(self.stats.max_rows, 1)
+        self.stats.draft_tokens += len(draft)
+        self.stats.accepted_tokens += kept
+        for token in choices[:kept + 1]:
+            if self._accept(seq, int(token)):
+                self._retain([0])
+                self._keep([])
+                return
+        self._next = choices[kept:kept + 1]
 
     def _retain(self, rows: list[int]) -> None:
         """Hand finished rows' conversations to a backend that caches prompt prefixes, before

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
 from typing import Any, Literal
 
+from toolkit.runtime.speculation import NgramSpeculation
 from toolkit.serve.engines.base import (
     EngineInfo,
     GenerationChunk,
@@ -33,14 +34,17 @@ class EmbeddedEngine:
         load: builds `(tokenizer, backend, eos_ids)`; runs in a worker thread at `start`.
         max_batch: rows decoded together.
         on_thread_start: runs on the decode thread first (torch thread count).
+        speculation: drafts for a lone greedy request, where the backend can check them.
     """
 
     kind: Literal["generate"] = "generate"
 
     def __init__(self, info: EngineInfo,
                  load: Callable[[], tuple[Any, StepBackend, frozenset[int]]],
-                 max_batch: int, on_thread_start: Callable[[], None] | None = None) -> None:
+                 max_batch: int, on_thread_start: Callable[[], None] | None = None,
+                 speculation: NgramSpeculation | None = None) -> None:
         self.info = info
+        self._speculation = speculation
         self._load = load
         self._max_batch = max_batch
         self._on_thread_start = on_thread_start
@@ -60,7 +64,7 @@ class EmbeddedEngine:
         self._longest_token = max(map(len, tokenizer.get_vocab()), default=1)
         self.scheduler = BatchScheduler(
             backend, self._decode, eos, self._max_batch, name=self.info.engine,
-            on_thread_start=self._on_thread_start,
+            on_thread_start=self._on_thread_start, speculation=self._speculation,
         )
         self.scheduler.start()
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from toolkit.runtime.facts import eos_token_ids
 from toolkit.runtime.onnx_steps import providers, step_backend
+from toolkit.runtime.speculation import NgramSpeculation
 from toolkit.runtime.steps import StepBackend
 from toolkit.serve.engines.base import EngineInfo
 from toolkit.serve.engines.embedded import EmbeddedEngine
@@ -25,12 +26,15 @@ log = logging.getLogger("toolkit.serve")
 
 
 def build_onnx_engine(info: EngineInfo, path: Path, max_batch: int, threads: int | None,
-                      prefix_cache_bytes: int = 0) -> EmbeddedEngine:
+                      prefix_cache_bytes: int = 0,
+                      speculation: NgramSpeculation | None = None) -> EmbeddedEngine:
     """An `EmbeddedEngine` that opens the ONNX export when started.
 
     Args:
         prefix_cache_bytes: budget of the prompt-prefix KV cache (`runtime.prefix_cache`) of a
             builder graph; 0 prefills every prompt whole.
+        speculation: how a lone greedy request's drafts are looked up (`runtime.speculation`);
+            builder graphs only (their backend feeds one row several tokens), None: off.
 
     Raises (at start):
         MissingExtraError: onnxruntime is not installed (pip install 'toolkit[onnx]').
@@ -52,4 +56,4 @@ def build_onnx_engine(info: EngineInfo, path: Path, max_batch: int, threads: int
         return tokenizer, step_backend(lm, capacity=info.max_model_len,
                                        prefix_cache_bytes=prefix_cache_bytes), frozenset(eos)
 
-    return EmbeddedEngine(info, load, max_batch)
+    return EmbeddedEngine(info, load, max_batch, speculation=speculation)

@@ -1,0 +1,104 @@
+"""Prompt-lookup speculation: what is drafted, what is kept, and that a served answer is the
+same token for token with it on and off while drafts are really checked and kept."""
+
+from __future__ import annotations
+
+import httpx
+import numpy as np
+import pytest
+
+from toolkit.runtime.speculation import DraftPolicy, NgramSpeculation, accepted
+
+
+def _ids(*tokens: int) -> np.ndarray:
+    return np.asarray(tokens, dtype=np.int64)
+
+
+def test_draft_continues_the_longest_suffix_seen_before():
+    spec = NgramSpeculation(tokens=3, max_n=4, min_n=2)
+    # the last 4 tokens never occurred before; the last 3 did, at the start
+    assert spec.propose(_ids(1, 2, 3, 9, 1, 2, 3)).tolist() == [9, 1, 2]
+    # a longer match wins over a more recent shorter one
+    assert spec.propose(_ids(7, 5, 6, 1, 9, 5, 6, 2, 7, 5, 6)).tolist() == [1, 9, 5]
+
+
+def test_draft_follows_the_most_recent_occurrence_and_is_cut_at_the_end():
+    spec = NgramSpeculation(tokens=4, max_n=2, min_n=2)
+    assert spec.propose(_ids(5, 6, 7, 5, 6, 8, 5, 6)).tolist() == [8, 5, 6]
+
+
+def test_no_draft_without_a_repeat_of_min_n_tokens():
+    assert NgramSpeculation(min_n=2).propose(_ids(1, 2, 3, 1)).size == 0
+    assert NgramSpeculation(min_n=1).propose(_ids(1, 2, 3, 1)).tolist() == [2, 3, 1]
+    assert NgramSpeculation().propose(_ids(4)).size == 0
+    assert NgramSpeculation(tokens=0).propose(_ids(1, 2, 1, 2)).size == 0
+
+
+def test_bad_settings_are_refused():
+    for bad in ({"tokens": -1}, {"min_n": 0}, {"min_n": 3, "max_n": 2}):
+        with pytest.raises(ValueError, match="speculation needs"):
+            NgramSpeculation(**bad)
+
+
+def test_accepted_counts_the_confirmed_prefix():
+    assert accepted(_ids(4, 5, 6), _ids(4, 5, 7, 9)) == 2
+    assert accepted(_ids(4, 5, 6), _ids(1, 5, 6, 9)) == 0
+    assert accepted(_ids(4, 5, 6), _ids(4, 5, 6, 9)) == 3
+
+
+def test_served_answers_are_unchanged_and_drafts_are_kept(tiny_gqa_dir):
+    """A lone greedy request on the builder graph: the same answer with speculation off and
+    on, while /ready shows drafts proposed and kept and fewer steps than tokens."""
+    from tests.serve_helpers import live_gateway
+    from tests.test_serve_engines import chat
+
+    prompts = [" ".join(["le protocole de lavage des mains"] * 6),
+               "step one step two step three step one step two"]
+    answers, status = {}, {}
+    for tokens in (0, 4):
+        with live_gateway(tiny_gqa_dir, engine="onnxruntime", model_name="tiny", threads=1,
+                          speculative_tokens=tokens) as live:
+            answers[tokens] = [chat(live.base_url, p, max_tokens=40, temperature=0,
+                                    ignore_eos=True)["choices"][0]["message"]["content"]
+                               for p in prompts]
+            status[tokens] = httpx.get(f"{live.base_url}/ready").json()
+    assert answers[4] == answers[0]
+    assert status[0]["draft_tokens"] == 0 and status[0]["steps"] == 2 * 39
+    assert status[4]["accepted_tokens"] > 0
+    assert status[4]["steps"] == 2 * 39 - status[4]["accepted_tokens"]
+
+
+def test_policy_drafts_long_when_drafts_are_kept_and_cheap():
+    policy = DraftPolicy(limit=4)
+    policy.record_step(1, 0.010)
+    for _ in range(10):
+        policy.record_step(5, 0.018)  # r = 0.2: onnx-w8a8's measured cost
+        policy.record_draft(4, 4)
+    assert policy.keep_rate > 0.9 and policy.extra_cost == pytest.approx(0.2, abs=0.02)
+    assert policy.length(4) == 4
+    assert policy.length(2) == 2  # never more than proposed
+
+
+def test_policy_stops_drafting_when_drafts_miss_and_explores_now_and_then():
+    policy = DraftPolicy(limit=4)
+    policy.record_step(1, 0.010)
+    for _ in range(10):
+        policy.record_step(2, 0.014)  # r = 0.4: onnx-int4's
+        policy.record_draft(1, 0)
+    assert policy.keep_rate < 0.1
+    lengths = [policy.length(4) for _ in range(2 * DraftPolicy.EXPLORE)]
+    assert lengths.count(1) == 2 and lengths.count(0) == 2 * DraftPolicy.EXPLORE - 2
+    assert policy.length(0) == 0
+
+
+def test_policy_weighs_keep_rate_against_cost():
+    """At a keep rate of ~0.6 one draft token pays at r = 0.2 and not at r = 1."""
+    cheap, dear = DraftPolicy(limit=4), DraftPolicy(limit=4)
+    for policy, seconds in ((cheap, 0.012), (dear, 0.020)):
+        policy.record_step(1, 0.010)
+        for _ in range(20):
+            policy.record_step(2, seconds)
+            policy.record_draft(2, 1)  # one kept, then a miss: a = 1/2
+            policy.record_draft(1, 1)
+    assert 0.6 < cheap.keep_rate < 0.7
+    assert cheap.length(4) >= 1 and dear.length(4) == 0

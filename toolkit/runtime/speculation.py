@@ -1,0 +1,134 @@
+"""Prompt-lookup speculation: draft tokens from the sequence's own text, checked in one step.
+
+A one-row decode step on a CPU is bound by its matrix kernels reading every weight once, so
+feeding a few more tokens of the same row in that step costs far less than a step each. The
+draft is what followed the most recent earlier occurrence of the sequence's last `n` tokens
+(`n` from `max_n` down to `min_n`): answers repeat their prompt (names, doses, the steps of a
+protocol) and themselves. This is vLLM's `ngram` speculative method and llama.cpp's lookup
+decoding; no draft model is needed.
+
+Verification keeps exactly the tokens greedy decoding produces: draft token `j` is kept only
+while it equals the argmax after the tokens before it, and the first argmax that differs is
+the step's last token (so a step always yields at least one token).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+
+@dataclass(frozen=True)
+class NgramSpeculation:
+    """How drafts are looked up.
+
+    Attributes:
+        tokens: draft tokens per step at most (0 turns speculation off).
+        max_n: longest suffix looked up first.
+        min_n: shortest suffix a draft may come from (1 drafts after any repeated token:
+            more drafts, fewer kept).
+    """
+
+    tokens: int = 4
+    max_n: int = 4
+    min_n: int = 2
+
+    def __post_init__(self) -> None:
+        if self.tokens < 0 or not 1 <= self.min_n <= self.max_n:
+            raise ValueError(f"speculation needs tokens >= 0 and 1 <= min_n <= max_n, "
+                             f"got {self}")
+
+    def propose(self, context: np.ndarray) -> np.ndarray:
+        """Up to `tokens` draft tokens continuing `context` (1-D ids), empty when none match."""
+        size = len(context)
+        if self.tokens == 0:
+            return context[:0]
+        for n in range(min(self.max_n, size - 1), self.min_n - 1, -1):
+            suffix = context[size - n:]
+            # windows starting before the suffix's own position: earlier occurrences only
+            windows = sliding_window_view(context[:size - 1], n)
+            found = np.flatnonzero((windows == suffix).all(axis=1))
+            if found.size:
+                start = int(found[-1]) + n
+                return context[start:start + self.tokens]
+        return context[:0]
+
+
+def accepted(draft: np.ndarray, choices: np.ndarray) -> int:
+    """How many draft tokens greedy decoding confirms.
+
+    `choices[j]` is the argmax after the step's input token `j` (the token fed first, then the
+    draft), so draft token `j` stands when it equals `choices[j]` and every one before it stood.
+    """
+    differs = np.flatnonzero(draft != choices[:len(draft)])
+    return int(differs[0]) if differs.size else len(draft)
+
+
+class DraftPolicy:
+    """How many draft tokens each step should check, from what drafts have been worth so far.
+
+    If each draft token is kept with probability `a` (once those before it were), a draft of
+    `d` tokens yields (1 - a^(d+1)) / (1 - a) tokens for one run of d + 1 tokens, costing
+    (1 + r * d) one-token steps; the policy takes the `d` (0: a plain step) with the most
+    tokens per cost. Both are measured as the engine runs, since both move: `r` was 0.2 for
+    onnx-w8a8's int8 GEMMs and 0.38 for onnx-int4's 4-bit kernels on the same CPU, and `a`
+    goes from near 1 in an answer that repeats its prompt to near 0 in free prose.
+
+    - `a`: kept / (kept + missed) over recent drafts (a missed token ends its draft), counts
+      decayed per draft so it follows the answer, and fed also while no draft is run (the
+      token a draft would have started with is compared with the token the step chose).
+    - `r`: the recent mean of (run time / one-token step time - 1) / d over runs with drafts;
+      every `EXPLORE`-th step that could draft runs one token anyway, so a cost measured
+      during a stall is re-measured instead of turning drafts off for good.
+    """
+
+    #: prior: a = 0.5 and r = 0.25, worth this many observations
+    PRIOR = 2.0
+    DECAY = 0.9
+    EXPLORE = 32
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._kept, self._missed = self.PRIOR / 2, self.PRIOR / 2
+        self._step_s: float | None = None
+        self._extra = 0.25  # r
+        self._idle = 0
+
+    @property
+    def keep_rate(self) -> float:
+        """The estimated probability that a draft token is kept (`a`)."""
+        return self._kept / (self._kept + self._missed)
+
+    @property
+    def extra_cost(self) -> float:
+        """The estimated cost of one more token in a run, in one-token steps (`r`)."""
+        return self._extra
+
+    def length(self, available: int) -> int:
+        """Draft tokens to check now, of `available` proposed (0: a plain step)."""
+        a, r = min(self.keep_rate, 0.999), self._extra
+        best, best_value = 0, 1.0
+        for d in range(1, min(available, self.limit) + 1):
+            value = (1 - a ** (d + 1)) / (1 - a) / (1 + r * d)
+            if value > best_value:
+                best, best_value = d, value
+        if best == 0 and available:
+            self._idle += 1
+            if self._idle % self.EXPLORE == 0:
+                return 1
+        return best
+
+    def record_step(self, fed: int, seconds: float) -> None:
+        """A run of `fed` tokens for one row took `seconds`."""
+        if fed == 1:
+            self._step_s = seconds if self._step_s is None else 0.8 * self._step_s + 0.2 * seconds
+        elif self._step_s is not None:
+            extra = max(0.0, (seconds / self._step_s - 1) / (fed - 1))
+            self._extra = 0.8 * self._extra + 0.2 * extra
+
+    def record_draft(self, drafted: int, kept: int) -> None:
+        """`kept` of `drafted` draft tokens were confirmed (the first miss ends a draft)."""
+        self._kept = self.DECAY * self._kept + kept
+        self._missed = self.DECAY * self._missed + (1 if kept < drafted else 0)

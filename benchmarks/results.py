@@ -234,7 +234,12 @@ def render_quant_methods(data: dict[str, Any]) -> str:
 
 
 def serve_ratios(rows: list[dict[str, Any]]) -> list[tuple[str, dict[int, float]]]:
-    """tok/s ratios toolkit / llama-server at the same bit width, per client count."""
+    """tok/s ratios toolkit / llama-server at the same bit width, per client count.
+
+    A toolkit setup drafting n-gram tokens (" +ngram") is compared with llama-server both
+    without drafts (the issue's anchor) and with its own; one without drafts only with
+    llama-server without.
+    """
     by = {(r["setup"], r["clients"]): r["tokens_per_s"] for r in rows}
     ours = dict.fromkeys(r["setup"] for r in rows if r["family"] == "toolkit")
     anchors = dict.fromkeys(r["setup"] for r in rows if r["family"] == "llama-server")
@@ -242,23 +247,30 @@ def serve_ratios(rows: list[dict[str, Any]]) -> list[tuple[str, dict[int, float]
     clients = sorted({r["clients"] for r in rows})
     out = []
     for mine in ours:
-        for anchor in (a for a in anchors if bits[a] == bits[mine]):
+        for anchor in (a for a in anchors if bits[a] == bits[mine]
+                       and (_drafting(mine) or not _drafting(a))):
             out.append((f"{mine} / {anchor}", {c: by[(mine, c)] / by[(anchor, c)] for c in clients
                                                 if (mine, c) in by and (anchor, c) in by}))
     return out
+
+
+def _drafting(setup: str) -> bool:
+    """A setup served with n-gram drafts (serve_throughput's SPECULATING suffix)."""
+    return setup.endswith(" +ngram")
 
 
 def render_serve_throughput(data: dict[str, Any]) -> str:
     """Toolkit gateway vs llama-server: tok/s, latency, TTFT per level; same-width ratios."""
     rows, settings = data["rows"], data["settings"]
     clients = sorted({r["clients"] for r in rows})
-    lines = ["| setup | bits | clients | tok/s | p50 latency s | TTFT p50 ms | tokens/answer |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| setup | bits | clients | tok/s | p50 latency s | TTFT p50 ms | tokens/answer "
+             "| drafts kept |", "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         low, high = row["answer_tokens"]
         lines.append(f"| {row['setup']} | {row['bits']} | {row['clients']} | "
                      f"{row['tokens_per_s']:.1f} | {row['latency_p50_s']:.2f} | "
-                     f"{_num(row['ttft_p50_ms'], '.0f')} | {low if low == high else f'{low}-{high}'} |")
+                     f"{_num(row['ttft_p50_ms'], '.0f')} | {low if low == high else f'{low}-{high}'} "
+                     f"| {row.get('drafts_kept') or '-'} |")
     lines += ["", "| tok/s ratio | " + " | ".join(f"{c} client(s)" for c in clients) + " |",
               "|---|" + "---|" * len(clients)]
     for name, ratios in serve_ratios(rows):

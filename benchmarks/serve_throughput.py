@@ -13,6 +13,10 @@ Setups, all started first and then measured in interleaved passes (A B C C B A) 
                        on RUN/exports/merged converted to GGUF and quantized to Q8_0, Q4_1 and
                        Q4_K_M (benchmarks/llama_server.py builds and caches all of it)
   vllm gateway/direct  with --vllm-python: the gateway over vLLM, and vLLM on its private port
+  ... +ngram           the same server drafting tokens by n-gram lookup (`--speculation`,
+                       default both: every server with and without): the toolkit while one
+                       request runs alone (`--speculative-tokens`), llama-server with its own
+                       `--spec-type ngram-simple` (LLAMA_NGRAM); greedy answers are unchanged
 
 Every request streams a chat completion, greedy, `max_tokens` 64 with `ignore_eos`, so every
 answer has exactly 64 tokens (checked from each answer's usage: greedy llama.cpp stops early
@@ -67,8 +71,13 @@ BITS = {"onnx-int8": "int8", "onnx-w8a8": "int8", "onnx-int4": "4-bit", "onnx": 
 #: the toolkit exports served by default, when the run has them
 DEFAULT_EXPORTS = ("onnx-int8", "onnx-w8a8", "onnx-int4")
 QUANT_BITS = {"Q8_0": "int8", "Q4_1": "4-bit", "Q4_K_M": "4-bit"}
-#: setup name suffix of a gateway that drafts tokens (`--speculative-tokens`)
+#: setup name suffix of a server that drafts tokens by n-gram lookup
 SPECULATING = " +ngram"
+#: llama-server's own n-gram drafts: of lookup lengths 2, 3 and 12 (its default) with 4 or 48
+#: (default) draft tokens, 2 and 4 were its fastest one-client setting here (114.7 tok/s on
+#: Q8_0 against 104.0 without drafts, 111.2 with its defaults)
+LLAMA_NGRAM = ["--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", "2",
+               "--spec-ngram-simple-size-m", "4"]
 
 
 @dataclass
@@ -95,6 +104,8 @@ class Tally:
 
     wall_s: float = 0.0
     samples: list[Sample] = field(default_factory=list)
+    drafted: int = 0  # a toolkit gateway's draft tokens checked and kept (its /ready counters)
+    kept: int = 0
 
     def row(self, setup: Setup, clients: int) -> dict[str, Any]:
         tokens = [s.tokens for s in self.samples]
@@ -106,6 +117,7 @@ class Tally:
             "latency_p50_s": round(statistics.median(s.latency_s for s in self.samples), 3),
             "ttft_p50_ms": round(statistics.median(ttfts) * 1000, 1) if ttfts else None,
             "answer_tokens": [min(tokens), max(tokens)],
+            "drafts_kept": f"{self.kept}/{self.drafted}" if self.drafted else None,
         }
 
 
@@ -269,13 +281,21 @@ def llama_setups(args: argparse.Namespace) -> list[Setup]:
     ggufs = llama_server.ensure_ggufs(args.reference, bin_dir, quants=tuple(args.quants))
     setups = []
     for quant, gguf in ggufs.items():
-        port = free_port()
-        command = llama_server.server_command(bin_dir, gguf, port, args.threads,
-                                              max(args.clients), slot_context=512)
-        proc = start(command, args.workdir / f"llama-server-{quant}.log")
-        setups.append(Setup(f"llama-server {quant}", "llama-server", QUANT_BITS[quant],
-                            f"http://127.0.0.1:{port}", proc))
+        for speculate in speculation_modes(args):
+            port = free_port()
+            command = llama_server.server_command(bin_dir, gguf, port, args.threads,
+                                                  max(args.clients), slot_context=512)
+            command += LLAMA_NGRAM if speculate else []
+            name = f"{quant}{SPECULATING if speculate else ''}"
+            proc = start(command, args.workdir / f"llama-server-{name.replace(' ', '')}.log")
+            setups.append(Setup(f"llama-server {name}", "llama-server", QUANT_BITS[quant],
+                                f"http://127.0.0.1:{port}", proc))
     return setups
+
+
+def speculation_modes(args: argparse.Namespace) -> list[bool]:
+    """Whether servers run without n-gram drafts, with them, or (`both`) one of each."""
+    return {"on": [True], "off": [False], "both": [False, True]}[args.speculation]
 
 
 def vllm_setups(args: argparse.Namespace) -> list[Setup]:
@@ -302,6 +322,14 @@ def requests_per_client(clients: int, args: argparse.Namespace) -> int:
     return max(args.rounds, -(-args.min_requests // clients))
 
 
+def draft_counters(setup: Setup) -> tuple[int, int]:
+    """A toolkit gateway's draft tokens so far, checked and kept (its /ready); llama-server: 0."""
+    if setup.family != "toolkit":
+        return 0, 0
+    status = httpx.get(f"{setup.url}/ready", timeout=10).json()
+    return int(status.get("draft_tokens", 0)), int(status.get("accepted_tokens", 0))
+
+
 def measure(setups: list[Setup], args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every setup at every level, in passes A B C .. C B A so drift hits all alike."""
     for setup in setups:  # warm-up: first requests load kernels and caches
@@ -312,15 +340,21 @@ def measure(setups: list[Setup], args: argparse.Namespace) -> list[dict[str, Any
         per_client = requests_per_client(clients, args)
         for turn, setup in enumerate(setups + setups[::-1]):
             half = turn // len(setups)  # both halves ask each server new questions
+            before = draft_counters(setup)
             wall, samples = run_client(run_pass(setup.url, clients, per_client, args.max_tokens,
                                                  offset=2 * level + half, args=args))
-            tallies[setup.name].wall_s += wall
-            tallies[setup.name].samples += samples
+            after = draft_counters(setup)
+            tally = tallies[setup.name]
+            tally.wall_s += wall
+            tally.samples += samples
+            tally.drafted += after[0] - before[0]
+            tally.kept += after[1] - before[1]
         for setup in setups:
             row = tallies[setup.name].row(setup, clients)
-            print(f"  {setup.name:<22} c={clients:<3} {row['tokens_per_s']:7.1f} tok/s  "
+            print(f"  {setup.name:<30} c={clients:<3} {row['tokens_per_s']:7.1f} tok/s  "
                   f"p50 {row['latency_p50_s']:6.2f} s  TTFT p50 {row['ttft_p50_ms']} ms  "
-                  f"tokens/answer {row['answer_tokens']}", flush=True)
+                  f"tokens/answer {row['answer_tokens']}  drafts kept {row['drafts_kept']}",
+                  flush=True)
             rows.append(row)
     return rows
 
@@ -347,9 +381,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "cache, llama-server's cache_prompt), or neither does")
     parser.add_argument("--threads", type=int, default=2, help="threads of every server")
     parser.add_argument("--speculation", choices=["on", "off", "both"], default="both",
-                        help="toolkit gateways draft tokens by n-gram lookup while one request "
-                             "runs alone (`toolkit serve --speculative-tokens`), or not, or both "
-                             "side by side (default; llama-server runs without drafts)")
+                        help="servers draft tokens by n-gram lookup (toolkit: while one "
+                             "request runs alone, `--speculative-tokens`; llama-server: "
+                             "`--spec-type ngram-simple`), or not, or both side by side (default)")
     parser.add_argument("--speculative-tokens", type=int, default=4,
                         help="the drafting gateways' --speculative-tokens")
     parser.add_argument("--vllm-python", type=Path, default=os.environ.get("TOOLKIT_VLLM_PYTHON"),
@@ -382,8 +416,7 @@ def main(argv: list[str] | None = None) -> None:
     setups: list[Setup] = []
     try:
         setups += [toolkit_setup(export, args, speculate) for export in args.toolkit
-                   for speculate in {"on": [True], "off": [False], "both": [False, True]}[
-                       args.speculation]]
+                   for speculate in speculation_modes(args)]
         setups += llama_setups(args)
         for setup in setups:
             if setup.proc is not None:

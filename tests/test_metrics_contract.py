@@ -95,14 +95,24 @@ def test_tokens_add_up(metrics: GatewayMetrics) -> None:
     assert value(metrics, "toolkit_time_per_output_token_seconds_count", model=M, engine=E) == 3
 
 
-def test_prefix_cache_counters_follow_the_engine_totals(metrics: GatewayMetrics) -> None:
+def test_engine_counters_follow_the_engine_totals(metrics: GatewayMetrics) -> None:
     labels = {"model": M, "engine": E}
     assert value(metrics, "toolkit_prefix_cache_queries_total", **labels) == 0
-    metrics.prefix_cache(M, E, queried=100, hits=48)
-    metrics.prefix_cache(M, E, queried=100, hits=48)  # a scrape with nothing new adds nothing
-    metrics.prefix_cache(M, E, queried=160, hits=96)
+    assert value(metrics, "toolkit_spec_decode_draft_tokens_total", **labels) == 0
+    first = {"toolkit_prefix_cache_queries": 100, "toolkit_prefix_cache_hits": 48,
+             "toolkit_spec_decode_draft_tokens": 30}
+    metrics.engine_totals(M, E, first)
+    metrics.engine_totals(M, E, first)  # a scrape with nothing new adds nothing
+    metrics.engine_totals(M, E, {"toolkit_prefix_cache_queries": 160,
+                                 "toolkit_prefix_cache_hits": 96,
+                                 "toolkit_spec_decode_draft_tokens": 41,
+                                 "toolkit_spec_decode_accepted_tokens": 12})
     assert value(metrics, "toolkit_prefix_cache_queries_total", **labels) == 160
     assert value(metrics, "toolkit_prefix_cache_hits_total", **labels) == 96
+    assert value(metrics, "toolkit_spec_decode_draft_tokens_total", **labels) == 41
+    assert value(metrics, "toolkit_spec_decode_accepted_tokens_total", **labels) == 12
+    with pytest.raises(ValueError, match="not an engine total"):
+        metrics.engine_totals(M, E, {"toolkit_generation_tokens": 1})
 
 
 def test_time_to_first_token(metrics: GatewayMetrics) -> None:

@@ -48,7 +48,7 @@ def test_accepted_counts_the_confirmed_prefix():
 
 def test_served_answers_are_unchanged_and_drafts_are_kept(tiny_gqa_dir):
     """A lone greedy request on the builder graph: the same answer with speculation off and
-    on, while /ready shows drafts proposed and kept and fewer steps than tokens."""
+    on, while /ready and /metrics show drafts proposed and kept, and fewer steps than tokens."""
     from tests.serve_helpers import live_gateway
     from tests.test_serve_engines import chat
 
@@ -62,6 +62,9 @@ def test_served_answers_are_unchanged_and_drafts_are_kept(tiny_gqa_dir):
                                     ignore_eos=True)["choices"][0]["message"]["content"]
                                for p in prompts]
             status[tokens] = httpx.get(f"{live.base_url}/ready").json()
+            metrics = httpx.get(f"{live.base_url}/metrics").text
+            assert f'toolkit_spec_decode_accepted_tokens_total{{engine="onnxruntime",' \
+                f'model="tiny"}} {float(status[tokens]["accepted_tokens"])}' in metrics
     assert answers[4] == answers[0]
     assert status[0]["draft_tokens"] == 0 and status[0]["steps"] == 2 * 39
     assert status[4]["accepted_tokens"] > 0

@@ -97,6 +97,17 @@ TOOLKIT_METRICS: tuple[MetricSpec, ...] = (
         MODEL_ENGINE,
     ),
     MetricSpec(
+        "toolkit_spec_decode_draft_tokens", "counter",
+        "Draft tokens the onnxruntime engine checked while one greedy request ran alone "
+        "(prompt-lookup speculation; vLLM counts its own as vllm:spec_decode_num_draft_tokens).",
+        MODEL_ENGINE,
+    ),
+    MetricSpec(
+        "toolkit_spec_decode_accepted_tokens", "counter",
+        "Draft tokens greedy decoding confirmed: tokens generated without a step of their own.",
+        MODEL_ENGINE,
+    ),
+    MetricSpec(
         "toolkit_requests_running", "gauge", "Generation requests the engine is working on.",
         MODEL_ENGINE,
     ),

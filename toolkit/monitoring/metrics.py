@@ -28,8 +28,9 @@ from toolkit.monitoring.contract import (
 
 __all__ = ["GatewayMetrics", "RatingScale", "feedback_score01"]
 
-#: the prefix cache's counters: prompt tokens looked up, and reused
-PREFIX_CACHE = ("toolkit_prefix_cache_queries", "toolkit_prefix_cache_hits")
+#: counters an embedded engine keeps itself (prefix cache, speculation), read at each scrape
+ENGINE_TOTALS = ("toolkit_prefix_cache_queries", "toolkit_prefix_cache_hits",
+                 "toolkit_spec_decode_draft_tokens", "toolkit_spec_decode_accepted_tokens")
 
 
 def feedback_score01(rating: int, scale: RatingScale) -> float:
@@ -77,7 +78,7 @@ class GatewayMetrics:
         self._gauges["toolkit_build_info"].labels(toolkit_version(), build_commit(), engine).set(1)
         for name in ("toolkit_requests_running", "toolkit_requests_waiting"):
             self._gauges[name].labels(model, engine)
-        for name in ("toolkit_prompt_tokens", "toolkit_generation_tokens", *PREFIX_CACHE):
+        for name in ("toolkit_prompt_tokens", "toolkit_generation_tokens", *ENGINE_TOTALS):
             self._counters[name].labels(model, engine)
 
     def request_finished(
@@ -133,13 +134,19 @@ class GatewayMetrics:
         self._counters["toolkit_feedback"].labels(model, scale, str(rating)).inc()
         self._histograms["toolkit_feedback_score"].labels(model).observe(score01)
 
-    def prefix_cache(self, model: str, engine: str, queried: int, hits: int) -> None:
-        """Bring the prefix cache counters up to the engine's running totals.
+    def engine_totals(self, model: str, engine: str, totals: dict[str, int]) -> None:
+        """Bring counters the engine keeps itself up to its running totals (metric -> total).
 
-        The cache counts inside the engine's decode thread, per prompt, and reports nothing per
-        request; the gateway reads its totals at each scrape and the counters add what is new.
+        The prefix cache and speculation count inside the engine's decode thread and report
+        nothing per request; the gateway reads their totals at each scrape and the counters
+        add what is new.
+
+        Raises:
+            ValueError: a name outside `ENGINE_TOTALS`.
         """
-        for name, total in zip(PREFIX_CACHE, (queried, hits)):
+        for name, total in totals.items():
+            if name not in ENGINE_TOTALS:
+                raise ValueError(f"{name} is not an engine total; use one of {ENGINE_TOTALS}")
             seen = self._synced.get((name, model, engine), 0)
             if total > seen:
                 self._counters[name].labels(model, engine).inc(total - seen)

@@ -194,6 +194,19 @@ def _check_key(gateway: Gateway, request: Request) -> None:
                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
 
+def _engine_totals(status: dict[str, Any]) -> dict[str, int]:
+    """The counters an embedded engine keeps, from its `status()` (what /ready shows): the
+    onnxruntime engine's prefix cache and speculation; other engines report none of them."""
+    totals = {}
+    if cache := status.get("prefix_cache"):
+        totals["toolkit_prefix_cache_queries"] = cache["prompt_tokens"]
+        totals["toolkit_prefix_cache_hits"] = cache["tokens_reused"]
+    if "draft_tokens" in status:
+        totals["toolkit_spec_decode_draft_tokens"] = status["draft_tokens"]
+        totals["toolkit_spec_decode_accepted_tokens"] = status["accepted_tokens"]
+    return totals
+
+
 def _add_routes(app: FastAPI, gateway: Gateway) -> None:
     from toolkit.serve.generation import handle_generation
     from toolkit.serve.proxy import handle_proxy
@@ -253,10 +266,8 @@ def _add_routes(app: FastAPI, gateway: Gateway) -> None:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        cache = gateway.engine.status().get("prefix_cache")  # the onnxruntime engine's
-        if cache:
-            gateway.metrics.prefix_cache(gateway.info.model_name, gateway.info.engine,
-                                         cache["prompt_tokens"], cache["tokens_reused"])
+        gateway.metrics.engine_totals(gateway.info.model_name, gateway.info.engine,
+                                      _engine_totals(gateway.engine.status()))
         body, content_type = gateway.metrics.render()
         return Response(body, media_type=content_type)
 

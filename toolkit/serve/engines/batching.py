@@ -150,6 +150,21 @@ class _Sequence:
     generated: list[int] = field(default_factory=list)
     cancelled: bool = False
     done: bool = False
+    _ids: np.ndarray | None = None  # prompt + generated, filled as drafts need it
+    _filled: int = 0
+
+    def ids(self) -> np.ndarray:
+        """The prompt and the answer so far as one array, extended in place (a draft lookup
+        per step must not rebuild an 8k-token array from lists)."""
+        prompt = self.prepared.prompt_ids
+        if self._ids is None:
+            self._ids = np.empty(len(prompt) + self.prepared.max_tokens, dtype=np.int64)
+            self._ids[:len(prompt)] = prompt
+            self._filled = len(prompt)
+        new = self.generated[self._filled - len(prompt):]
+        self._ids[self._filled:self._filled + len(new)] = new
+        self._filled += len(new)
+        return self._ids[:self._filled]
 
     def emit(self, item: GenerationChunk | BaseException) -> None:
         try:
@@ -360,8 +375,7 @@ class BatchScheduler:
         room = seq.prepared.max_tokens - len(seq.generated) - 1
         if room <= 0 or (params.temperature > 0 and params.top_p > 0):
             return self._next[:0]  # sampled rows would need rejection sampling: not drafted
-        context = np.asarray(seq.prepared.prompt_ids + seq.generated, dtype=np.int64)
-        return self.speculation.propose(context)[:room]  # type: ignore[union-attr]
+        return self.speculation.propose(seq.ids())[:room]  # type: ignore[union-attr]
 
     def _speculative_step(self, seq: _Sequence, draft: np.ndarray) -> None:
         """Feed the next token and its draft in one run; keep what greedy decoding confirms.

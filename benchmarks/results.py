@@ -263,8 +263,8 @@ def render_serve_throughput(data: dict[str, Any]) -> str:
     """Toolkit gateway vs llama-server: tok/s, latency, TTFT per level; same-width ratios."""
     rows, settings = data["rows"], data["settings"]
     clients = sorted({r["clients"] for r in rows})
-    lines = ["| setup | bits | clients | tok/s | p50 latency s | TTFT p50 ms | tokens/answer "
-             "| drafts kept |", "|---|---|---|---|---|---|---|---|"]
+    lines = [("| setup | bits | clients | tok/s | p50 latency s | TTFT p50 ms | tokens/answer "
+              "| drafts kept |"), "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         low, high = row["answer_tokens"]
         lines.append(f"| {row['setup']} | {row['bits']} | {row['clients']} | "

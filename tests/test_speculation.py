@@ -47,28 +47,41 @@ def test_accepted_counts_the_confirmed_prefix():
 
 
 def test_served_answers_are_unchanged_and_drafts_are_kept(tiny_gqa_dir):
-    """A lone greedy request on the builder graph: the same answer with speculation off and
-    on, while /ready and /metrics show drafts proposed and kept, and fewer steps than tokens."""
+    """Lone greedy requests on the builder graph get the same answers with speculation off and
+    on (to the length limit, to EOS, cut by a stop string), while /ready and /metrics show
+    drafts proposed and kept and fewer steps than tokens; a sampled request drafts nothing."""
     from tests.serve_helpers import live_gateway
     from tests.test_serve_engines import chat
 
     prompts = [" ".join(["le protocole de lavage des mains"] * 6),
                "step one step two step three step one step two"]
+    requests = [{"max_tokens": 40, "ignore_eos": True}, {"max_tokens": 40}]
     answers, status = {}, {}
     for tokens in (0, 4):
         with live_gateway(tiny_gqa_dir, engine="onnxruntime", model_name="tiny", threads=1,
                           speculative_tokens=tokens) as live:
-            answers[tokens] = [chat(live.base_url, p, max_tokens=40, temperature=0,
-                                    ignore_eos=True)["choices"][0]["message"]["content"]
-                               for p in prompts]
+            answers[tokens] = [chat(live.base_url, p, temperature=0, **extra)["choices"][0]
+                               for p in prompts for extra in requests]
+            if tokens == 0:  # a stop string that cuts the first answer in its middle
+                first = answers[0][0]["message"]["content"]
+                stop = first[len(first) // 2:len(first) // 2 + 4]
+                assert len(stop) == 4
+            answers[tokens].append(chat(live.base_url, prompts[0], temperature=0, max_tokens=40,
+                                        ignore_eos=True, stop=[stop])["choices"][0])
             status[tokens] = httpx.get(f"{live.base_url}/ready").json()
             metrics = httpx.get(f"{live.base_url}/metrics").text
             assert f'toolkit_spec_decode_accepted_tokens_total{{engine="onnxruntime",' \
                 f'model="tiny"}} {float(status[tokens]["accepted_tokens"])}' in metrics
+            chat(live.base_url, prompts[0], temperature=1.0, max_tokens=20, seed=3)
+            sampled = httpx.get(f"{live.base_url}/ready").json()
+            assert sampled["draft_tokens"] == status[tokens]["draft_tokens"]
     assert answers[4] == answers[0]
-    assert status[0]["draft_tokens"] == 0 and status[0]["steps"] == 2 * 39
+    assert answers[0][-1]["finish_reason"] == "stop"
+    assert answers[0][-1]["message"]["content"] == first[:first.index(stop)]
+    generated = status[0]["rows_decoded"]  # one token per step and row without drafts
+    assert status[0]["draft_tokens"] == 0 and status[0]["steps"] == generated
     assert status[4]["accepted_tokens"] > 0
-    assert status[4]["steps"] == 2 * 39 - status[4]["accepted_tokens"]
+    assert status[4]["steps"] == generated - status[4]["accepted_tokens"]
 
 
 def test_policy_drafts_long_when_drafts_are_kept_and_cheap():

@@ -9,7 +9,7 @@ through `greedy_generate`, so a report's tokens/s and sample are those of the se
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -41,6 +41,18 @@ class StepBackend(Protocol):
 
     def merge(self, first: Any, second: Any) -> Any:
         """One state holding the rows of `first` then those of `second`."""
+
+
+@runtime_checkable
+class DraftingBackend(StepBackend, Protocol):
+    """A `StepBackend` that can check a draft: several tokens of one row in one run
+    (`runtime.speculation`), and forget the rejected ones."""
+
+    def extend(self, state: Any, tokens: np.ndarray) -> tuple[Any, np.ndarray]:
+        """Feed `tokens` to a one-row state; the new state and logits after each token."""
+
+    def rewind(self, state: Any, positions: int) -> Any:
+        """Forget every row's last `positions` tokens."""
 
 
 def sample_token(logits: np.ndarray, temperature: float, top_p: float,

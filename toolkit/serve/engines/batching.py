@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from toolkit.runtime.speculation import DraftPolicy, NgramSpeculation, accepted
-from toolkit.runtime.steps import StepBackend, sample_token
+from toolkit.runtime.steps import DraftingBackend, StepBackend, sample_token
 from toolkit.serve.engines.base import GenerationChunk, PreparedRequest
 
 log = logging.getLogger("toolkit.serve")
@@ -204,8 +204,8 @@ class SchedulerStats:
     rows_decoded: int = 0
     prefill_s: float = 0.0  # time inside the backend's prefill and decode calls
     decode_s: float = 0.0
-    draft_tokens: int = 0  # speculation: tokens proposed, and those greedy decoding kept
-    accepted_tokens: int = 0
+    draft_tokens: int = 0  # speculation: tokens checked, and those kept and sent (no step of
+    accepted_tokens: int = 0  # their own; tokens kept after an answer's end are not counted)
 
 
 class BatchScheduler:
@@ -216,10 +216,10 @@ class BatchScheduler:
                  on_thread_start: Callable[[], None] | None = None,
                  speculation: NgramSpeculation | None = None) -> None:
         self.backend = backend
-        # a backend that can feed one row several tokens (and forget some) can check drafts
-        self.speculation = speculation if speculation is not None and speculation.tokens and \
-            hasattr(backend, "extend") else None
-        self._policy = DraftPolicy(speculation.tokens) if self.speculation else None
+        # drafts need a backend that feeds one row several tokens in a run (and forgets some)
+        self._drafting = (backend, speculation, DraftPolicy(speculation.tokens)) \
+            if speculation is not None and speculation.tokens and \
+            isinstance(backend, DraftingBackend) else None
         self.decode = decode
         self.eos_ids = eos_ids
         self.max_batch = max_batch
@@ -344,12 +344,13 @@ class BatchScheduler:
             self._next = np.concatenate([self._next, tokens[keep]])
 
     def _step(self) -> None:
-        draft = self._draft(self._active[0]) if self._policy and len(self._active) == 1 \
-            else self._next[:0]
-        if draft.size:
-            length = self._policy.length(len(draft))  # type: ignore[union-attr]
+        draft = self._next[:0]
+        if self._drafting is not None and len(self._active) == 1:
+            drafter, speculation, policy = self._drafting
+            draft = self._draft(self._active[0], speculation)
+            length = policy.length(len(draft))
             if length:
-                self._speculative_step(self._active[0], draft[:length])
+                self._speculative_step(self._active[0], draft[:length], drafter, policy)
                 return
         started = time.perf_counter()
         self._state, logits = self.backend.decode(self._state, self._next)
@@ -359,25 +360,27 @@ class BatchScheduler:
         self.stats.rows_decoded += len(self._active)
         self.stats.max_rows = max(self.stats.max_rows, len(self._active))
         tokens = self._sample_all(self._active, logits)
-        if self._policy is not None and len(self._active) == 1:
-            self._policy.record_step(1, elapsed)
+        if self._drafting is not None and len(self._active) == 1:
+            policy = self._drafting[2]
+            policy.record_step(1, elapsed)
             if draft.size:  # the draft not run: would its first token have been kept?
-                self._policy.record_draft(1, int(draft[0] == tokens[0]))
+                policy.record_draft(1, int(draft[0] == tokens[0]))
         finished = [self._accept(seq, int(tokens[i])) for i, seq in enumerate(self._active)]
         self._next = tokens
         if any(finished):
             self._retain([i for i, done in enumerate(finished) if done])
             self._keep([i for i, done in enumerate(finished) if not done])
 
-    def _draft(self, seq: _Sequence) -> np.ndarray:
+    def _draft(self, seq: _Sequence, speculation: NgramSpeculation) -> np.ndarray:
         """Draft tokens for a lone greedy row, as many as its answer still has room for."""
         params = seq.prepared.request.sampling
         room = seq.prepared.max_tokens - len(seq.generated) - 1
         if room <= 0 or (params.temperature > 0 and params.top_p > 0):
             return self._next[:0]  # sampled rows would need rejection sampling: not drafted
-        return self.speculation.propose(seq.ids())[:room]  # type: ignore[union-attr]
+        return speculation.propose(seq.ids())[:room]
 
-    def _speculative_step(self, seq: _Sequence, draft: np.ndarray) -> None:
+    def _speculative_step(self, seq: _Sequence, draft: np.ndarray, drafter: DraftingBackend,
+                          policy: DraftPolicy) -> None:
         """Feed the next token and its draft in one run; keep what greedy decoding confirms.
 
         The step yields the confirmed draft tokens and the argmax after the last of them, so
@@ -385,24 +388,25 @@ class BatchScheduler:
         """
         started = time.perf_counter()
         fed = np.concatenate([self._next, draft])
-        state, logits = self.backend.extend(self._state, fed)  # type: ignore[attr-defined]
+        state, logits = drafter.extend(self._state, fed)
         elapsed = time.perf_counter() - started
         choices = np.asarray(logits.argmax(axis=-1), dtype=np.int64)
         kept = accepted(draft, choices)
-        self._state = self.backend.rewind(state, len(draft) - kept)  # type: ignore[attr-defined]
-        self._policy.record_step(len(fed), elapsed)  # type: ignore[union-attr]
-        self._policy.record_draft(len(draft), kept)  # type: ignore[union-attr]
+        self._state = drafter.rewind(state, len(draft) - kept)
+        policy.record_step(len(fed), elapsed)
+        policy.record_draft(len(draft), kept)
         self.stats.decode_s += elapsed
         self.stats.steps += 1
         self.stats.rows_decoded += 1
         self.stats.max_rows = max(self.stats.max_rows, 1)
         self.stats.draft_tokens += len(draft)
-        self.stats.accepted_tokens += kept
-        for token in choices[:kept + 1]:
-            if self._accept(seq, int(token)):
+        for used, token in enumerate(choices[:kept + 1]):
+            if self._accept(seq, int(token)):  # kept tokens after an end are dropped
+                self.stats.accepted_tokens += used
                 self._retain([0])
                 self._keep([])
                 return
+        self.stats.accepted_tokens += kept
         self._next = choices[kept:kept + 1]
 
     def _retain(self, rows: list[int]) -> None:

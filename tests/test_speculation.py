@@ -46,12 +46,16 @@ def test_accepted_counts_the_confirmed_prefix():
     assert accepted(_ids(4, 5, 6), _ids(4, 5, 6, 9)) == 3
 
 
-def test_served_answers_are_unchanged_and_drafts_are_kept(tiny_gqa_dir):
+def test_served_answers_are_unchanged_and_drafts_are_kept(tiny_gqa_dir, monkeypatch):
     """Lone greedy requests on the builder graph get the same answers with speculation off and
     on (to the length limit, to EOS, cut by a stop string), while /ready and /metrics show
-    drafts proposed and kept and fewer steps than tokens; a sampled request drafts nothing."""
+    drafts proposed and kept and fewer steps than tokens; a sampled request drafts nothing.
+    Step times are not fed to the draft policy here (its prior cost stands), so how much is
+    drafted does not hang on this machine's timings."""
     from tests.serve_helpers import live_gateway
     from tests.test_serve_engines import chat
+
+    monkeypatch.setattr(DraftPolicy, "record_step", lambda self, fed, seconds: None)
 
     prompts = [" ".join(["le protocole de lavage des mains"] * 6),
                "step one step two step three step one step two"]

@@ -87,13 +87,15 @@ async def run_pass(send: Any, clients: int, per_client: int) -> tuple[float, lis
     return time.perf_counter() - started, [s for samples in done for s in samples]
 
 
-def build_engine(export: Path, threads: int, max_concurrency: int) -> Any:
-    """The engine `toolkit serve EXPORT` would build, for this process."""
+def build_engine(export: Path, threads: int, max_concurrency: int, **options: Any) -> Any:
+    """The engine `toolkit serve EXPORT` (with `options`, ServeSettings fields) would build,
+    for this process."""
     from toolkit.serve import ServeSettings
     from toolkit.serve.engines import build_engine as build
     from toolkit.serve.select import choose_engine, resolve_served_model
 
-    settings = ServeSettings(model=str(export), threads=threads, max_concurrency=max_concurrency)
+    settings = ServeSettings(model=str(export), threads=threads, max_concurrency=max_concurrency,
+                             **options)
     served = resolve_served_model(settings.model, "bench")
     choice, _ = choose_engine(settings, served)
     return build(settings, served, choice)

@@ -302,6 +302,25 @@ def _prompt_cache_sentence(mode: str | None) -> str:
                else "caches off (both servers prefill every prompt whole). "))
 
 
+def render_speculation(data: dict[str, Any]) -> str:
+    """One client, drafts off vs on in one process: tok/s, speedup, drafts kept, same answers."""
+    lines = [("| export | tok/s without drafts | with drafts | speedup | drafts kept | steps per "
+             "100 tokens | same answers |"), "|---|---|---|---|---|---|---|"]
+    for row in data["rows"]:
+        steps = row["steps_per_100_tokens"]
+        lines.append(f"| {row['export']} | {row['off_tokens_per_s']:.1f} | "
+                     f"{row['on_tokens_per_s']:.1f} | {row['speedup']:.2f}x | "
+                     f"{row['drafts_kept']} | {steps['off']} -> {steps['on']} | "
+                     f"{'yes' if row['same_answers'] else 'NO'} |")
+    settings = data["settings"]
+    lines += ["", (f"One request at a time, {settings['threads']} threads, "
+                   f"{settings['max_tokens']}-token greedy answers (ignore_eos) to "
+                   f"serve_throughput's requests, {settings['requests']} per pass, passes A B B A "
+                   f"x {settings['rounds']}; drafts of up to {settings['speculative_tokens']} "
+                   "tokens (`--speculative-tokens`); speedup > 1: drafting faster.")]
+    return "\n".join(lines)
+
+
 def render_gateway_overhead(data: dict[str, Any]) -> str:
     """The same engine through the HTTP gateway vs called in-process: tok/s, overhead, batching."""
     lines = [("| export | clients | direct tok/s | gateway tok/s | overhead | p50 s direct / "
@@ -368,6 +387,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "serve_throughput": render_serve_throughput,
     "matmul_kernels": render_matmul_kernels,
     "huge_pages": render_huge_pages,
+    "speculation": render_speculation,
 }
 
 

@@ -125,8 +125,10 @@ def test_process_panels_read_the_gateway_job_only(panels: list[Panel]) -> None:
 
 
 def test_token_panels_use_a_token_unit(panels: list[Panel]) -> None:
+    """Token counts in tokens; the share of draft tokens kept is a ratio of two of them."""
     units = {p.title: p.unit for p in panels if p.row == "Throughput"}
-    assert units == {"Tokens/s": "suffix:tokens/s", "Generated tokens per request": "suffix:tokens"}
+    assert units == {"Tokens/s": "suffix:tokens/s", "Generated tokens per request": "suffix:tokens",
+                     "Draft tokens kept": "percentunit"}
 
 
 def test_feedback_counts_are_split_by_scale(panels: list[Panel]) -> None:

@@ -16,7 +16,7 @@ Setups, all started first and then measured in interleaved passes (A B C C B A) 
   ... +ngram           the same server drafting tokens by n-gram lookup (`--speculation`,
                        default both: every server with and without): the toolkit while one
                        request runs alone (`--speculative-tokens`), llama-server with its own
-                       `--spec-type ngram-simple` (LLAMA_NGRAM); greedy answers are unchanged
+                       `--spec-type ngram-simple` (LLAMA_NGRAM)
 
 Every request streams a chat completion, greedy, `max_tokens` 64 with `ignore_eos`, so every
 answer has exactly 64 tokens (checked from each answer's usage: greedy llama.cpp stops early

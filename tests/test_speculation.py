@@ -1,5 +1,6 @@
 """Prompt-lookup speculation: what is drafted, what is kept, and that a served answer is the
-same token for token with it on and off while drafts are really checked and kept."""
+same token for token with it on and off (an fp32 graph) while drafts are really checked and
+kept."""
 
 from __future__ import annotations
 

@@ -7,9 +7,14 @@ draft is what followed the most recent earlier occurrence of the sequence's last
 protocol) and themselves. This is vLLM's `ngram` speculative method and llama.cpp's lookup
 decoding; no draft model is needed.
 
-Verification keeps exactly the tokens greedy decoding produces: draft token `j` is kept only
-while it equals the argmax after the tokens before it, and the first argmax that differs is
-the step's last token (so a step always yields at least one token).
+Verification is greedy decoding's own rule: draft token `j` is kept only while it equals the
+argmax after the tokens before it, and the first argmax that differs is the step's last token
+(so a step always yields at least one token). The argmax is taken over the several-token
+run's logits, which are a prefill's over the same tokens, bit for bit (measured on onnx-w8a8).
+An fp32 graph's one-token steps give the same to ~1e-6; a quantized graph's differ from a
+prefill in float summation order, which flips some 8-bit roundings, so answers can part from
+the one-token steps' at near-ties: the same model, rounded as its prefill (and the export's
+perplexity) rounds. `benchmarks/speculation.py` counts the answers that stay identical.
 """
 
 from __future__ import annotations

@@ -384,7 +384,8 @@ class BatchScheduler:
         """Feed the next token and its draft in one run; keep what greedy decoding confirms.
 
         The step yields the confirmed draft tokens and the argmax after the last of them, so
-        one to `len(draft) + 1` tokens, each exactly the token plain greedy steps would give.
+        one to `len(draft) + 1` tokens, each the argmax after the tokens before it (see
+        `runtime.speculation` on quantized graphs' rounding).
         """
         started = time.perf_counter()
         fed = np.concatenate([self._next, draft])

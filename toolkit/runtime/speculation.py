@@ -19,9 +19,12 @@ perplexity) rounds. `benchmarks/speculation.py` counts the answers that stay ide
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
+
+from toolkit.runtime.steps import DraftingBackend
 
 
 @dataclass(frozen=True)
@@ -80,68 +83,69 @@ def accepted(draft: np.ndarray, choices: np.ndarray) -> int:
 
 
 class DraftPolicy:
-    """How many draft tokens each step should check, from what drafts have been worth so far.
+    """How many draft tokens each step of one request should check.
 
     If each draft token is kept with probability `a` (once those before it were), a draft of
     `d` tokens yields (1 - a^(d+1)) / (1 - a) tokens for one run of d + 1 tokens, costing
     (1 + r * d) one-token steps; the policy takes the `d` (0: a plain step) with the most
-    tokens per cost. Both are measured as the engine runs, since both move: `r` was 0.2 for
-    onnx-w8a8's int8 GEMMs and 0.38 for onnx-int4's 4-bit kernels on the same CPU, and `a`
-    goes from near 1 in an answer that repeats its prompt to near 0 in free prose.
+    tokens per cost. `r` is the engine's, measured once when it starts (`measure_extra_cost`:
+    0.2 for onnx-w8a8's int8 GEMMs and 0.38 for onnx-int4's 4-bit kernels on the same CPU);
+    `a` is the request's own: kept / (kept + missed) over its drafts (a missed token ends a
+    draft), decayed per draft so it follows the answer, and fed also on plain steps (the token
+    a draft would have started with against the token the step chose).
 
-    - `a`: kept / (kept + missed) over recent drafts (a missed token ends its draft), counts
-      decayed per draft so it follows the answer, and fed also while no draft is run (the
-      token a draft would have started with is compared with the token the step chose).
-    - `r`: the recent mean of (run time / one-token step time - 1) / d over runs with drafts;
-      every `EXPLORE`-th step that could draft runs one token anyway, so a cost measured
-      during a stall is re-measured instead of turning drafts off for good.
+    Nothing here reads a clock, so a request's draft lengths, and with them which of its tokens
+    a quantized graph computes in several-token runs (rounded as a prefill is), follow from its
+    tokens alone: the same greedy request gets the same answer from the same server.
     """
 
-    #: prior: a = 0.5 and r = 0.25, worth this many observations
+    #: prior: a = 0.5, worth this many observations
     PRIOR = 2.0
     DECAY = 0.9
-    EXPLORE = 32
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, extra_cost: float) -> None:
         self.limit = limit
+        self.extra_cost = extra_cost
         self._kept, self._missed = self.PRIOR / 2, self.PRIOR / 2
-        self._step_s: float | None = None
-        self._extra = 0.25  # r
-        self._idle = 0
 
     @property
     def keep_rate(self) -> float:
         """The estimated probability that a draft token is kept (`a`)."""
         return self._kept / (self._kept + self._missed)
 
-    @property
-    def extra_cost(self) -> float:
-        """The estimated cost of one more token in a run, in one-token steps (`r`)."""
-        return self._extra
-
     def length(self, available: int) -> int:
         """Draft tokens to check now, of `available` proposed (0: a plain step)."""
-        a, r = min(self.keep_rate, 0.999), self._extra
+        a, r = min(self.keep_rate, 0.999), self.extra_cost
         best, best_value = 0, 1.0
         for d in range(1, min(available, self.limit) + 1):
             value = (1 - a ** (d + 1)) / (1 - a) / (1 + r * d)
             if value > best_value:
                 best, best_value = d, value
-        if best == 0 and available:
-            self._idle += 1
-            if self._idle % self.EXPLORE == 0:
-                return 1
         return best
-
-    def record_step(self, fed: int, seconds: float) -> None:
-        """A run of `fed` tokens for one row took `seconds`."""
-        if fed == 1:
-            self._step_s = seconds if self._step_s is None else 0.8 * self._step_s + 0.2 * seconds
-        elif self._step_s is not None:
-            extra = max(0.0, (seconds / self._step_s - 1) / (fed - 1))
-            self._extra = 0.8 * self._extra + 0.2 * extra
 
     def record_draft(self, drafted: int, kept: int) -> None:
         """`kept` of `drafted` draft tokens were confirmed (the first miss ends a draft)."""
         self._kept = self.DECAY * self._kept + kept
         self._missed = self.DECAY * self._missed + (1 if kept < drafted else 0)
+
+
+def measure_extra_cost(backend: DraftingBackend, tokens: int, rounds: int = 3) -> float:
+    """`r`: what one more token in a one-row run costs, in one-token runs (fastest of `rounds`).
+
+    Timed once when an engine starts, on a 16-token dummy prompt (~0.5 s for a 135M model on
+    2 cores): the kernels' cost of more rows differs 2x between exports and between CPUs.
+    """
+    state, _ = backend.prefill([list(range(1, 17))])
+    fed = np.arange(1, tokens + 2, dtype=np.int64)
+    one = many = float("inf")
+    for _ in range(rounds + 1):  # the slowest round (the first: allocations) never counts
+        for size in (1, tokens + 1):
+            started = time.perf_counter()
+            state, _ = backend.extend(state, fed[:size])
+            seconds = time.perf_counter() - started
+            state = backend.rewind(state, size)
+            if size == 1:
+                one = min(one, seconds)
+            else:
+                many = min(many, seconds)
+    return max(0.0, (many / one - 1) / tokens)

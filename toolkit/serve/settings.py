@@ -138,7 +138,7 @@ class ServeSettings(BaseModel):
         "`ngram` method) and check them in one step, keeping each while it is the argmax: "
         "1.2-1.4x faster for one client here. Off (0) by default: on quantized graphs the "
         "check rounds as a prefill does, not as one-token steps, so greedy answers can differ "
-        "from those without drafts, and with the draft lengths, which follow measured timings.",
+        "from those without drafts (the same request gets the same answer from one server).",
     )
 
     def __init__(self, **data: Any) -> None:

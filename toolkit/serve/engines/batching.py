@@ -23,7 +23,12 @@ from typing import Any
 
 import numpy as np
 
-from toolkit.runtime.speculation import DraftPolicy, NgramSpeculation, accepted
+from toolkit.runtime.speculation import (
+    DraftPolicy,
+    NgramSpeculation,
+    accepted,
+    measure_extra_cost,
+)
 from toolkit.runtime.steps import DraftingBackend, StepBackend, sample_token
 from toolkit.serve.engines.base import GenerationChunk, PreparedRequest
 
@@ -150,6 +155,7 @@ class _Sequence:
     generated: list[int] = field(default_factory=list)
     cancelled: bool = False
     done: bool = False
+    policy: DraftPolicy | None = None  # its draft lengths, when it runs alone and drafts
     _ids: np.ndarray | None = None  # prompt + generated, filled as drafts need it
     _filled: int = 0
 
@@ -206,6 +212,7 @@ class SchedulerStats:
     decode_s: float = 0.0
     draft_tokens: int = 0  # speculation: tokens checked, and those kept and sent (no step of
     accepted_tokens: int = 0  # their own; tokens kept after an answer's end are not counted)
+    draft_token_cost: float = 0.0  # one more token in a run, in one-token runs (at start)
 
 
 class BatchScheduler:
@@ -217,9 +224,8 @@ class BatchScheduler:
                  speculation: NgramSpeculation | None = None) -> None:
         self.backend = backend
         # drafts need a backend that feeds one row several tokens in a run (and forgets some)
-        self._drafting = (backend, speculation, DraftPolicy(speculation.tokens)) \
-            if speculation is not None and speculation.tokens and \
-            isinstance(backend, DraftingBackend) else None
+        self._drafting = (backend, speculation) if speculation is not None and \
+            speculation.tokens and isinstance(backend, DraftingBackend) else None
         self.decode = decode
         self.eos_ids = eos_ids
         self.max_batch = max_batch
@@ -272,6 +278,8 @@ class BatchScheduler:
     def _run(self) -> None:
         if self._on_thread_start is not None:
             self._on_thread_start()
+        if self._drafting is not None:
+            self._measure_draft_cost(*self._drafting)
         while True:
             with self._cond:
                 while not self._stopping and not self._pending and not self._active:
@@ -345,12 +353,16 @@ class BatchScheduler:
 
     def _step(self) -> None:
         draft = self._next[:0]
+        policy = None
         if self._drafting is not None and len(self._active) == 1:
-            drafter, speculation, policy = self._drafting
-            draft = self._draft(self._active[0], speculation)
+            drafter, speculation = self._drafting
+            seq = self._active[0]
+            policy = seq.policy = seq.policy or DraftPolicy(speculation.tokens,
+                                                            self.stats.draft_token_cost)
+            draft = self._draft(seq, speculation)
             length = policy.length(len(draft))
             if length:
-                self._speculative_step(self._active[0], draft[:length], drafter, policy)
+                self._speculative_step(seq, draft[:length], drafter, policy)
                 return
         started = time.perf_counter()
         self._state, logits = self.backend.decode(self._state, self._next)
@@ -360,16 +372,25 @@ class BatchScheduler:
         self.stats.rows_decoded += len(self._active)
         self.stats.max_rows = max(self.stats.max_rows, len(self._active))
         tokens = self._sample_all(self._active, logits)
-        if self._drafting is not None and len(self._active) == 1:
-            policy = self._drafting[2]
-            policy.record_step(1, elapsed)
-            if draft.size:  # the draft not run: would its first token have been kept?
-                policy.record_draft(1, int(draft[0] == tokens[0]))
+        if policy is not None and draft.size:  # the draft not run: its first token kept?
+            policy.record_draft(1, int(draft[0] == tokens[0]))
         finished = [self._accept(seq, int(tokens[i])) for i, seq in enumerate(self._active)]
         self._next = tokens
         if any(finished):
             self._retain([i for i, done in enumerate(finished) if done])
             self._keep([i for i, done in enumerate(finished) if not done])
+
+    def _measure_draft_cost(self, drafter: DraftingBackend, speculation: NgramSpeculation) -> None:
+        """Time what a draft token costs once, before serving; drafts stay off if it fails."""
+        try:
+            self.stats.draft_token_cost = measure_extra_cost(drafter, speculation.tokens)
+        except Exception:  # a model that cannot run the dummy prompt still serves, undrafted
+            log.exception("%s: measuring the cost of draft tokens failed; drafts are off",
+                          self._name)
+            self._drafting = None
+            return
+        log.info("%s: one more token in a run costs %.2f of a one-token step (drafts of up to "
+                 "%d tokens)", self._name, self.stats.draft_token_cost, speculation.tokens)
 
     def _draft(self, seq: _Sequence, speculation: NgramSpeculation) -> np.ndarray:
         """Draft tokens for a lone greedy row, as many as its answer still has room for."""
@@ -394,7 +415,6 @@ class BatchScheduler:
         choices = np.asarray(logits.argmax(axis=-1), dtype=np.int64)
         kept = accepted(draft, choices)
         self._state = drafter.rewind(state, len(draft) - kept)
-        policy.record_step(len(fed), elapsed)
         policy.record_draft(len(draft), kept)
         self.stats.decode_s += elapsed
         self.stats.steps += 1

@@ -129,11 +129,13 @@ class DraftPolicy:
         self._missed = self.DECAY * self._missed + (1 if kept < drafted else 0)
 
 
-def measure_extra_cost(backend: DraftingBackend, tokens: int, rounds: int = 3) -> float:
+def measure_extra_cost(backend: DraftingBackend, tokens: int, rounds: int = 8) -> float:
     """`r`: what one more token in a one-row run costs, in one-token runs (fastest of `rounds`).
 
-    Timed once when an engine starts, on a 16-token dummy prompt (~0.5 s for a 135M model on
-    2 cores): the kernels' cost of more rows differs 2x between exports and between CPUs.
+    Timed once when an engine starts, on a 16-token dummy prompt (~0.3 s for a 135M model on
+    2 cores): the kernels' cost of more rows differs 2x between exports and between CPUs. The
+    fastest of several runs each, since other work on the cores (servers starting beside it)
+    only ever slows a run: 3 rounds measured onnx-w8a8 at 0.09-0.28 on busy cores.
     """
     state, _ = backend.prefill([list(range(1, 17))])
     fed = np.arange(1, tokens + 2, dtype=np.int64)

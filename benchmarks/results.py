@@ -304,14 +304,13 @@ def _prompt_cache_sentence(mode: str | None) -> str:
 
 def render_speculation(data: dict[str, Any]) -> str:
     """One client, drafts off vs on in one process: tok/s, speedup, drafts kept, same answers."""
-    lines = [("| export | tok/s without drafts | with drafts | speedup | drafts kept | steps per "
-             "100 tokens | identical answers |"), "|---|---|---|---|---|---|---|"]
-    for row in data["rows"]:
-        steps = row["steps_per_100_tokens"]
-        lines.append(f"| {row['export']} | {row['off_tokens_per_s']:.1f} | "
-                     f"{row['on_tokens_per_s']:.1f} | {row['speedup']:.2f}x | "
-                     f"{row['drafts_kept']} | {steps['off']} -> {steps['on']} | "
-                     f"{row['identical_answers']} |")
+    lines = _table(
+        ["export", "tok/s without drafts", "with drafts", "speedup", "drafts kept",
+         "steps per 100 tokens", "identical answers"],
+        ([row["export"], f"{row['off_tokens_per_s']:.1f}", f"{row['on_tokens_per_s']:.1f}",
+          f"{row['speedup']:.2f}x", row["drafts_kept"],
+          f"{row['steps_per_100_tokens']['off']} -> {row['steps_per_100_tokens']['on']}",
+          row["identical_answers"]] for row in data["rows"]))
     settings = data["settings"]
     lines += ["", (f"One request at a time, {settings['threads']} threads, "
                    f"{settings['max_tokens']}-token greedy answers (ignore_eos) to "

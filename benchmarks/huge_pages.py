@@ -5,11 +5,12 @@
 For each export (default: runs/demo's onnx-w8a8, onnx-int4 and onnx-int8), in a process of its
 own, two sessions of the same graph are opened: first the served one, whose weights
 `toolkit.runtime.huge_pages.back_with_huge_pages` moves into 2 MB pages (what the ONNX engine
-does at start), then a baseline opened after it, whose mappings were never advised (checked: the process's huge-page total does not grow). Rounds
-interleave them (A B B A): each run prefills a 48-token prompt and decodes `--tokens` greedy
-tokens at one row with the in-place KV backend, 2 threads; a run's figure is its median step.
-speedup = baseline step / huge-page step (> 1: huge pages are faster). The baseline is the
-session made last, which this VM tends to run fastest, so the figure leans against huge pages.
+does at start), then a baseline opened after it, whose mappings were never advised (checked: the
+process's huge-page total does not grow). Rounds interleave them (A B B A): each run prefills a
+48-token prompt and decodes `--tokens` greedy tokens at one row with the in-place KV backend, 2
+threads; a run's figure is its median step. speedup = baseline step / huge-page step (> 1: huge
+pages are faster). The baseline is the session made last, which this VM tends to run fastest, so
+the figure leans against huge pages.
 """
 
 from __future__ import annotations

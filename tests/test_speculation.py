@@ -100,7 +100,7 @@ def test_served_answers_are_unchanged_and_drafts_are_kept(tiny_gqa_dir, monkeypa
 
 
 def test_policy_drafts_long_when_drafts_are_kept_and_cheap():
-    policy = DraftPolicy(limit=4, extra_cost=0.2)  # onnx-w8a8's measured cost
+    policy = DraftPolicy(extra_cost=0.2)  # onnx-w8a8's measured cost
     for _ in range(10):
         policy.record_draft(4, 4)
     assert policy.keep_rate > 0.9
@@ -110,7 +110,7 @@ def test_policy_drafts_long_when_drafts_are_kept_and_cheap():
 
 
 def test_policy_stops_drafting_when_drafts_miss_and_starts_again_when_they_would_hit():
-    policy = DraftPolicy(limit=4, extra_cost=0.38)  # onnx-int4's
+    policy = DraftPolicy(extra_cost=0.38)  # onnx-int4's
     for _ in range(10):
         policy.record_draft(1, 0)
     assert policy.keep_rate < 0.1 and policy.length(4) == 0
@@ -121,7 +121,7 @@ def test_policy_stops_drafting_when_drafts_miss_and_starts_again_when_they_would
 
 def test_policy_weighs_keep_rate_against_cost():
     """At a keep rate of ~0.67 one draft token pays at r = 0.2 and not at r = 1."""
-    cheap, dear = DraftPolicy(limit=4, extra_cost=0.2), DraftPolicy(limit=4, extra_cost=1.0)
+    cheap, dear = DraftPolicy(extra_cost=0.2), DraftPolicy(extra_cost=1.0)
     for policy in (cheap, dear):
         for _ in range(20):
             policy.record_draft(2, 1)  # one kept, then a miss
@@ -130,8 +130,33 @@ def test_policy_weighs_keep_rate_against_cost():
     assert cheap.length(4) >= 1 and dear.length(4) == 0
 
 
-def test_extra_cost_is_measured_on_the_backend(tiny_gqa_dir):
-    """A finite, non-negative cost, and the backend's state left as it was found (rewound)."""
+def test_extra_cost_takes_the_fastest_runs(monkeypatch):
+    """r from the fastest one-token and five-token runs: a slow first round (allocations) and
+    a stalled round do not count."""
+    from types import SimpleNamespace
+
+    from toolkit.runtime import speculation
+
+    now = [0.0]
+    slow = iter([3.0, 3.0, 1.0, 1.0, 2.0, 2.0] + [1.0] * 20)  # per run: warm-up, normal, stall
+
+    class FakeBackend:
+        def prefill(self, prompts):
+            return 0, None
+
+        def extend(self, state, tokens):
+            now[0] += next(slow) * (0.010 + 0.0025 * (len(tokens) - 1))  # r = 0.25
+            return state + len(tokens), None
+
+        def rewind(self, state, positions):
+            return state - positions
+
+    monkeypatch.setattr(speculation, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    assert speculation.measure_extra_cost(FakeBackend(), 4) == pytest.approx(0.25)
+
+
+def test_extra_cost_is_measured_on_a_real_backend(tiny_gqa_dir):
+    """The builder graph's backend runs the dummy prompt: a finite, non-negative cost."""
     from toolkit.runtime.onnx_model import OnnxCausalLM
     from toolkit.runtime.onnx_steps import step_backend
     from toolkit.runtime.speculation import measure_extra_cost

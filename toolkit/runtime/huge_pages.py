@@ -7,12 +7,12 @@ Linux gives anonymous memory huge pages only where a program asks when THP is in
 mode, the default of most distributions (`/sys/kernel/mm/transparent_hugepage/enabled`).
 
 `back_with_huge_pages` asks, once the ONNX engine has loaded the model it serves, for every
-large anonymous mapping of the process: `MADV_HUGEPAGE`, then `MADV_COLLAPSE` (Linux >= 6.1), which moves the pages already
-there into huge pages now instead of whenever khugepaged gets to them. No memory is added
-(the resident size was unchanged, measured). On this AVX2 VM the one-row onnx-w8a8 step ran
-1.09-1.23x faster in four runs of `benchmarks/huge_pages.py` (1.14x over 6 fresh-process
-pairs), while onnx-int4 and onnx-int8 were level (0.97-1.04x). Where THP is `never`, off
-Linux, or with `TOOLKIT_HUGE_PAGES=0`, nothing is done and the result says why.
+large anonymous mapping of the process: `MADV_HUGEPAGE`, then `MADV_COLLAPSE` (Linux >= 6.1),
+which moves the pages already there into huge pages now instead of whenever khugepaged gets to
+them. No memory is added (the resident size was unchanged, measured). On this AVX2 VM the
+one-row onnx-w8a8 step ran 1.09-1.23x faster in four runs of `benchmarks/huge_pages.py` (1.14x over
+6 fresh-process pairs), while onnx-int4 and onnx-int8 were level (0.97-1.04x). Where THP is
+`never`, off Linux, or with `TOOLKIT_HUGE_PAGES=0`, nothing is done and the result says why.
 """
 
 from __future__ import annotations

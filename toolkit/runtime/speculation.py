@@ -103,8 +103,7 @@ class DraftPolicy:
     PRIOR = 2.0
     DECAY = 0.9
 
-    def __init__(self, limit: int, extra_cost: float) -> None:
-        self.limit = limit
+    def __init__(self, extra_cost: float) -> None:
         self.extra_cost = extra_cost
         self._kept, self._missed = self.PRIOR / 2, self.PRIOR / 2
 
@@ -117,7 +116,7 @@ class DraftPolicy:
         """Draft tokens to check now, of `available` proposed (0: a plain step)."""
         a, r = min(self.keep_rate, 0.999), self.extra_cost
         best, best_value = 0, 1.0
-        for d in range(1, min(available, self.limit) + 1):
+        for d in range(1, available + 1):
             value = (1 - a ** (d + 1)) / (1 - a) / (1 + r * d)
             if value > best_value:
                 best, best_value = d, value

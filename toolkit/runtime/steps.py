@@ -55,10 +55,16 @@ class DraftingBackend(StepBackend, Protocol):
         """Forget every row's last `positions` tokens."""
 
 
+def is_greedy(temperature: float, top_p: float) -> bool:
+    """Whether these sampling settings mean the argmax: temperature or top_p 0 (OpenAI allows
+    both)."""
+    return temperature <= 0 or top_p <= 0
+
+
 def sample_token(logits: np.ndarray, temperature: float, top_p: float,
                  rng: np.random.Generator) -> int:
-    """Greedy when temperature or top_p is 0 (OpenAI allows both), else a nucleus sample."""
-    if temperature <= 0 or top_p <= 0:
+    """The argmax when `is_greedy`, else a nucleus sample."""
+    if is_greedy(temperature, top_p):
         return int(np.argmax(logits))
     scaled = logits.astype(np.float64) / temperature
     if top_p < 1.0:

@@ -29,7 +29,7 @@ from toolkit.runtime.speculation import (
     accepted,
     measure_extra_cost,
 )
-from toolkit.runtime.steps import DraftingBackend, StepBackend, sample_token
+from toolkit.runtime.steps import DraftingBackend, StepBackend, is_greedy, sample_token
 from toolkit.serve.engines.base import GenerationChunk, PreparedRequest
 
 log = logging.getLogger("toolkit.serve")
@@ -357,8 +357,7 @@ class BatchScheduler:
         if self._drafting is not None and len(self._active) == 1:
             drafter, speculation = self._drafting
             seq = self._active[0]
-            policy = seq.policy = seq.policy or DraftPolicy(speculation.tokens,
-                                                            self.stats.draft_token_cost)
+            policy = seq.policy = seq.policy or DraftPolicy(self.stats.draft_token_cost)
             draft = self._draft(seq, speculation)
             length = policy.length(len(draft))
             if length:
@@ -366,11 +365,7 @@ class BatchScheduler:
                 return
         started = time.perf_counter()
         self._state, logits = self.backend.decode(self._state, self._next)
-        elapsed = time.perf_counter() - started
-        self.stats.decode_s += elapsed
-        self.stats.steps += 1
-        self.stats.rows_decoded += len(self._active)
-        self.stats.max_rows = max(self.stats.max_rows, len(self._active))
+        self._count_step(len(self._active), time.perf_counter() - started)
         tokens = self._sample_all(self._active, logits)
         if policy is not None and draft.size:  # the draft not run: its first token kept?
             policy.record_draft(1, int(draft[0] == tokens[0]))
@@ -379,6 +374,13 @@ class BatchScheduler:
         if any(finished):
             self._retain([i for i, done in enumerate(finished) if done])
             self._keep([i for i, done in enumerate(finished) if not done])
+
+    def _count_step(self, rows: int, seconds: float) -> None:
+        """One decode run over `rows` rows took `seconds` (a speculative run counts one row)."""
+        self.stats.decode_s += seconds
+        self.stats.steps += 1
+        self.stats.rows_decoded += rows
+        self.stats.max_rows = max(self.stats.max_rows, rows)
 
     def _measure_draft_cost(self, drafter: DraftingBackend, speculation: NgramSpeculation) -> None:
         """Time what a draft token costs once, before serving; drafts stay off if it fails."""
@@ -396,7 +398,7 @@ class BatchScheduler:
         """Draft tokens for a lone greedy row, as many as its answer still has room for."""
         params = seq.prepared.request.sampling
         room = seq.prepared.max_tokens - len(seq.generated) - 1
-        if room <= 0 or (params.temperature > 0 and params.top_p > 0):
+        if room <= 0 or not is_greedy(params.temperature, params.top_p):
             return self._next[:0]  # sampled rows would need rejection sampling: not drafted
         return speculation.propose(seq.ids())[:room]
 
@@ -409,17 +411,12 @@ class BatchScheduler:
         `runtime.speculation` on quantized graphs' rounding).
         """
         started = time.perf_counter()
-        fed = np.concatenate([self._next, draft])
-        state, logits = drafter.extend(self._state, fed)
-        elapsed = time.perf_counter() - started
+        state, logits = drafter.extend(self._state, np.concatenate([self._next, draft]))
+        self._count_step(1, time.perf_counter() - started)
         choices = np.asarray(logits.argmax(axis=-1), dtype=np.int64)
         kept = accepted(draft, choices)
         self._state = drafter.rewind(state, len(draft) - kept)
         policy.record_draft(len(draft), kept)
-        self.stats.decode_s += elapsed
-        self.stats.steps += 1
-        self.stats.rows_decoded += 1
-        self.stats.max_rows = max(self.stats.max_rows, 1)
         self.stats.draft_tokens += len(draft)
         for used, token in enumerate(choices[:kept + 1]):
             if self._accept(seq, int(token)):  # kept tokens after an end are dropped
@@ -460,7 +457,7 @@ class BatchScheduler:
         tokens = np.asarray(logits.argmax(axis=-1), dtype=np.int64)
         for i, seq in enumerate(rows):
             params = seq.prepared.request.sampling
-            if params.temperature > 0 and params.top_p > 0:  # else greedy (sample_token's rule)
+            if not is_greedy(params.temperature, params.top_p):
                 tokens[i] = sample_token(logits[i], params.temperature, params.top_p, seq.rng)
         return tokens
 

@@ -79,29 +79,88 @@ def test_lm_head_runs_only_at_the_positions_asked(gqa_lm, tokenizer):
     np.testing.assert_allclose(picked[:, 0], full[[0, 1], [3, ids.shape[1] - 1]], atol=1e-5)
 
 
-def test_a_graph_exported_without_logit_positions_still_serves(gqa_lm, tiny_gqa_dir, tmp_path,
-                                                                tokenizer):
-    """Exports made before the lm_head gather keep working, with the same tokens."""
+def _older_export(tiny_gqa_dir, out, *, logit_positions: bool = False,
+                  query_lengths: bool = False):
+    """A copy of the tiny graph as an earlier export wrote it: without the lm_head gather
+    (unless `logit_positions`) and without per-row new-token counts (unless `query_lengths`)."""
     import onnx
 
-    from toolkit.runtime.onnx_model import LOGIT_POSITIONS, OnnxCausalLM
+    from toolkit.runtime.onnx_model import LOGIT_POSITIONS, QUERY_LENGTHS, OnnxCausalLM
+
+    shutil.copytree(tiny_gqa_dir, out)
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    graph = model.graph
+    if not logit_positions:
+        gather = next(n for n in graph.node if n.op_type == "GatherElements")
+        head = next(n for n in graph.node if "logits" in n.output)
+        head.input[0] = gather.input[0]
+        for node in [n for n in graph.node if n.name.startswith("/logits_positions/")]:
+            graph.node.remove(node)
+        graph.input.remove(next(i for i in graph.input if i.name == LOGIT_POSITIONS))
+    if not query_lengths:
+        for node in graph.node:
+            if node.op_type == "GroupQueryAttention":
+                inputs = [name for name in node.input if name != QUERY_LENGTHS]
+                del node.input[:]
+                node.input.extend(inputs)
+        graph.input.remove(next(i for i in graph.input if i.name == QUERY_LENGTHS))
+    onnx.save(model, str(out / "model.onnx"))
+    return OnnxCausalLM.from_dir(out, threads=1)
+
+
+def test_a_graph_exported_without_logit_positions_still_serves(gqa_lm, tiny_gqa_dir, tmp_path,
+                                                                tokenizer):
+    """Exports made before the lm_head gather and the per-row token counts keep working, with
+    the same tokens."""
     from toolkit.runtime.steps import greedy_generate
 
-    legacy = tmp_path / "legacy"
-    shutil.copytree(tiny_gqa_dir, legacy)
-    model = onnx.load(str(legacy / "model.onnx"), load_external_data=False)
-    gather = next(n for n in model.graph.node if n.op_type == "GatherElements")
-    head = next(n for n in model.graph.node if "logits" in n.output)
-    head.input[0] = gather.input[0]
-    for node in [n for n in model.graph.node if n.name.startswith("/logits_positions/")]:
-        model.graph.node.remove(node)
-    model.graph.input.remove(next(i for i in model.graph.input if i.name == LOGIT_POSITIONS))
-    onnx.save(model, str(legacy / "model.onnx"))
-    old = OnnxCausalLM.from_dir(legacy, threads=1)
-    assert not old.has_logit_positions
+    old = _older_export(tiny_gqa_dir, tmp_path / "legacy")
+    assert not old.has_logit_positions and not old.has_query_lengths
     ids = tokenizer(PROMPTS[1])["input_ids"]
     assert greedy_generate(_backend(old), ids, 12, stop_at_eos=False) == \
         greedy_generate(_backend(gqa_lm), ids, 12, stop_at_eos=False)
+
+
+def test_prompts_after_cached_blocks_share_runs_and_get_the_logits_of_running_alone(
+        gqa_lm, tiny_gqa_dir, tmp_path, monkeypatch):
+    """The rests of prompts that start with cached blocks run as one right-padded batch (one
+    run for those with one new token, one for the others), where an export without per-row
+    token counts runs each alone; logits, and the caches decoded after, are the same."""
+    import onnx
+
+    from toolkit.runtime.onnx_model import QUERY_LENGTHS
+    from toolkit.runtime.onnx_steps import step_backend
+
+    graph = onnx.load(str(tiny_gqa_dir / "model.onnx"), load_external_data=False).graph
+    attention = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    assert gqa_lm.has_query_lengths and len(attention) == 2
+    assert all(node.input[16] == QUERY_LENGTHS for node in attention)
+    old = _older_export(tiny_gqa_dir, tmp_path / "legacy", logit_positions=True)
+    batched, alone = (step_backend(lm, 64, prefix_cache_bytes=1 << 20) for lm in (gqa_lm, old))
+    rng = np.random.default_rng(5)
+    system = rng.integers(4, 500, 40).tolist()  # two full blocks of 16
+    wave = [system[:33], system + rng.integers(4, 500, 7).tolist(), system[:20],
+            rng.integers(4, 500, 9).tolist(), system[:33] + [7], system[:17]]
+    runs: list[list[int]] = []
+    for backend in (batched, alone):
+        backend.prefill([system])  # caches the blocks
+        runs.append([0])
+
+        def counted(*args, run=backend._run, count=runs[-1], **kwargs):
+            count[0] += 1
+            return run(*args, **kwargs)
+
+        monkeypatch.setattr(backend, "_run", counted)
+    # new tokens after the cache: 1, 8, 4, (cold 9), 2, 1
+    state, logits = batched.prefill(wave)
+    ref_state, ref = alone.prefill(wave)
+    assert runs == [[1 + 2], [1 + 5]]
+    np.testing.assert_allclose(logits, ref, atol=1e-5)
+    for _ in range(6):
+        tokens = ref.argmax(-1)
+        state, logits = batched.decode(state, tokens)
+        ref_state, ref = alone.decode(ref_state, tokens)
+        np.testing.assert_allclose(logits, ref, atol=1e-5)
 
 
 def test_batched_rows_join_and_leave_like_solo(gqa_lm, tokenizer):

@@ -42,6 +42,10 @@ def test_a_prompt_reuses_the_full_blocks_of_a_common_start_and_runs_its_last_tok
     assert cache.stats.blocks == 4
     assert cache.stats.prompts == 5 and cache.stats.prompts_hit == 4
     assert cache.stats.tokens_reused == 8 + 4 + 4 + 8
+    # a look at a prompt's first block changes no counter
+    assert cache.holds([0, 1, 2, 3, 77]) and cache.holds([9, 9, 9, 9])
+    assert not cache.holds([0, 1, 2, 4, 5]) and not cache.holds([0, 1, 2, 3], "tenant")
+    assert cache.stats.prompts == 5
 
 
 def test_a_salt_scopes_reuse_to_the_prompts_stored_under_it():

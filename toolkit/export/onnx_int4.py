@@ -26,7 +26,13 @@ import numpy as np
 from toolkit.errors import ConfigError
 from toolkit.export.onnx import ONNX_DATA_FILE, _staged, copy_model_files
 from toolkit.export.onnx_genai import check_builder_graph
-from toolkit.runtime.onnx_model import GENAI_CONFIG, LOGIT_POSITIONS, ONNX_FILE
+from toolkit.runtime.onnx_model import (
+    GENAI_CONFIG,
+    LOGIT_POSITIONS,
+    ONNX_FILE,
+    QUERY_LENGTHS,
+    default_query_lengths,
+)
 
 Algorithm = Literal["rtn", "k_quant", "hqq", "gptq", "offset"]
 Embedding = Literal["fp32", "int4", "shared"]
@@ -272,9 +278,12 @@ def calibration_feeds(model: Any, src_dir: Path,
                                         decoder["head_size"]), dtype=np.float32)
             for graph_input in model.graph.input
             if graph_input.name.startswith("past_key_values.")}
-    positions = any(graph_input.name == LOGIT_POSITIONS for graph_input in model.graph.input)
+    names = {graph_input.name for graph_input in model.graph.input}
     return [{"input_ids": window, "attention_mask": np.ones_like(window), **past,
-             **({LOGIT_POSITIONS: np.arange(window.shape[1])[None, :]} if positions else {})}
+             **({LOGIT_POSITIONS: np.arange(window.shape[1])[None, :]}
+                if LOGIT_POSITIONS in names else {}),
+             **({QUERY_LENGTHS: default_query_lengths(window.shape[1], np.array([window.shape[1]]))}
+                if QUERY_LENGTHS in names else {})}
             for window in (np.asarray([ids[start:start + GPTQ_WINDOW]], dtype=np.int64)
                            for start in range(0, len(ids), GPTQ_WINDOW))]
 

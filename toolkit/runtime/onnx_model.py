@@ -63,6 +63,10 @@ class DecodeStep:
 #: input of a builder graph that says which positions get logits (batch, k): serving asks for one
 #: per row (prefill: the prompt's last token), scoring for all (`export.onnx_genai`)
 LOGIT_POSITIONS = "logits_positions"
+#: input of a builder graph giving each row's count of new tokens (batch,), int32: rows of one
+#: run may then feed different numbers of tokens after their caches (right-padded), which
+#: GroupQueryAttention otherwise allows one row at a time (`export.onnx_genai`)
+QUERY_LENGTHS = "query_seqlens"
 
 
 class OnnxCausalLM:
@@ -103,6 +107,8 @@ class OnnxCausalLM:
         self._has_position_ids = "position_ids" in inputs
         #: the graph computes logits only where asked (graphs exported before it: everywhere)
         self.has_logit_positions = LOGIT_POSITIONS in inputs
+        #: rows of one run may feed different numbers of tokens after their caches
+        self.has_query_lengths = QUERY_LENGTHS in inputs
 
     @classmethod
     def from_dir(cls, path: Path, threads: int | None = None,
@@ -255,7 +261,15 @@ class OnnxCausalLM:
             feed["position_ids"] = positions
         if self.has_logit_positions:  # every position: what scoring and verification compare
             feed[LOGIT_POSITIONS] = np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy()
+        if self.has_query_lengths:  # scoring feeds whole rows (no cache): every token is new
+            feed[QUERY_LENGTHS] = default_query_lengths(ids.shape[1], mask.sum(axis=1))
         return feed
+
+
+def default_query_lengths(width: int, lengths: np.ndarray) -> np.ndarray:
+    """`QUERY_LENGTHS` as GroupQueryAttention assumes it when not given: each row's whole
+    `width` new tokens, or fewer where the row holds fewer tokens (`lengths`) in all."""
+    return np.minimum(width, lengths).astype(np.int32)
 
 
 def int8_weight_gemms(graph: Path) -> list[str]:

@@ -28,7 +28,11 @@ from typing import Any
 
 import numpy as np
 
-from toolkit.runtime.onnx_model import LOGIT_POSITIONS
+from toolkit.runtime.onnx_model import (
+    LOGIT_POSITIONS,
+    QUERY_LENGTHS,
+    default_query_lengths,
+)
 from toolkit.runtime.onnx_steps import OrtKvLayout
 from toolkit.runtime.prefix_cache import CachedBlock, PrefixCache
 
@@ -124,6 +128,9 @@ class SharedKvStepBackend(OrtKvLayout):
     def __init__(self, lm: Any, capacity: int, prefix_cache: PrefixCache | None = None) -> None:
         super().__init__(lm)
         self.logit_positions = lm.has_logit_positions
+        #: rows of one run may feed different numbers of tokens after their caches (graphs
+        #: exported before `QUERY_LENGTHS` run each such row alone)
+        self.query_lengths = lm.has_query_lengths
         self.vocab = lm.vocab_size
         self.capacity = int(capacity)
         self.prefix_cache = prefix_cache
@@ -147,11 +154,14 @@ class SharedKvStepBackend(OrtKvLayout):
         return grown
 
     def _run(self, arena: KvArena, ids: np.ndarray, lengths: np.ndarray,
-             positions: np.ndarray, first: int = 0) -> np.ndarray:
+             positions: np.ndarray, first: int = 0, counts: np.ndarray | None = None) -> np.ndarray:
         """One session run over rows [first, first + len(ids)) of `arena` (physical order).
 
         `lengths` are the rows' lengths after the run; a row's cache holds the positions before
-        its `ids`. Returns the logits at each row's input `positions` (rows, k, vocab).
+        its `ids`, of which the first `counts` are its new tokens (None: all of them, or the
+        row's whole length if shorter, as in a right-padded prompt without cache; a graph
+        without `QUERY_LENGTHS` takes only that). Returns the logits at each row's input
+        `positions` (rows, k, vocab).
         A graph with `LOGIT_POSITIONS` computes only those: a prompt's other positions would
         cost the lm_head (a fifth of a 135M model's prefill) and a (rows, prompt, vocab) array.
         """
@@ -163,6 +173,9 @@ class SharedKvStepBackend(OrtKvLayout):
             logits = np.empty((*positions.shape, self.vocab), dtype=np.float32)
         else:
             logits = np.empty((*ids.shape, self.vocab), dtype=np.float32)
+        if self.query_lengths:
+            binding.bind_cpu_input(QUERY_LENGTHS, default_query_lengths(ids.shape[1], lengths)
+                                   if counts is None else counts.astype(np.int32))
         binding.bind_cpu_input("input_ids", ids)
         binding.bind_cpu_input("attention_mask", mask)
         binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape),
@@ -177,10 +190,10 @@ class SharedKvStepBackend(OrtKvLayout):
         """Prefill the prompts into a new arena; rows attend to their own length only.
 
         Prompts without a cached prefix run as one right-padded batch; each prompt with one
-        gets its cached blocks copied in and runs only the rest, alone (GroupQueryAttention
-        takes several new tokens after a cache for one row at a time). A prompt whose first
-        block an earlier prompt of the same call starts with waits until that one is cached,
-        so the first chats after a start share their system prompt too.
+        gets its cached blocks copied in and runs only the rest, the rests as right-padded
+        batches too (`_warm_runs`). A prompt whose first block an earlier prompt of the same
+        call starts with waits until that one is cached, so the first chats after a start
+        share their system prompt too.
         """
         lengths = np.array([len(p) for p in prompts], dtype=np.int64)
         arena = KvArena(self, max(len(prompts), MIN_ROWS), self._length_for(int(lengths.max())))
@@ -194,14 +207,16 @@ class SharedKvStepBackend(OrtKvLayout):
         return SharedKvState(arena, slots, lengths), logits
 
     def _waves(self, prompts: list[list[int]], salts: list[str | None]) -> list[list[int]]:
-        """The prompts to prefill first, then those starting with a block one of them caches."""
-        if self.prefix_cache is None:
+        """The prompts to prefill first, then those starting with a first block that is not
+        cached yet but that one of the first will cache."""
+        cache = self.prefix_cache
+        if cache is None:
             return [list(range(len(prompts)))]
-        block = self.prefix_cache.block
         heads: set[tuple[str | None, tuple[int, ...]]] = set()
         first, later = [], []
         for i, prompt in enumerate(prompts):
-            head = (salts[i], tuple(prompt[:block])) if len(prompt) > block else None
+            head = (salts[i], tuple(prompt[:cache.block])) \
+                if len(prompt) > cache.block and not cache.holds(prompt, salts[i]) else None
             (later if head in heads else first).append(i)
             if head is not None:
                 heads.add(head)
@@ -222,16 +237,45 @@ class SharedKvStepBackend(OrtKvLayout):
             for r, i in enumerate(cold):
                 ids[r, :len(prompts[i])] = prompts[i]
             logits[cold] = self._run(arena, ids, lengths, (lengths - 1)[:, None], first=row)[:, 0]
-        for r, i in enumerate(warm, start=row + len(cold)):
-            cached = arena.write(r, matches[i])
-            ids = np.asarray([prompts[i][cached:]], dtype=np.int64)
-            logits[i] = self._run(arena, ids, np.array([len(prompts[i])]),
-                                  np.array([[len(ids[0]) - 1]]), first=r)[0, 0]
+        rest = {i: len(prompts[i]) - sum(b.kv[0].shape[1] for b in matches[i]) for i in warm}
+        warm.sort(key=rest.__getitem__)
+        first = row + len(cold)
+        for r, i in enumerate(warm, start=first):
+            arena.write(r, matches[i])
+        for run in self._warm_runs([rest[i] for i in warm], [len(prompts[i]) for i in warm],
+                                   arena.length):
+            group = warm[run.start:run.stop]
+            counts = np.array([rest[i] for i in group], dtype=np.int64)
+            ids = np.zeros((len(group), int(counts.max())), dtype=np.int64)
+            for r, i in enumerate(group):
+                ids[r, :rest[i]] = prompts[i][len(prompts[i]) - rest[i]:]
+            logits[group] = self._run(arena, ids, np.array([len(prompts[i]) for i in group]),
+                                      (counts - 1)[:, None], first + run.start, counts)[:, 0]
         if cache is not None:
             for r, i in enumerate(cold + warm, start=row):
                 cache.store(prompts[i], lambda start, stop, r=r: arena.read(r, start, stop),
                             salts[i])
         return cold + warm
+
+    def _warm_runs(self, rests: list[int], lengths: list[int], room: int) -> list[range]:
+        """Consecutive warm rows (sorted by `rests`, their new tokens) that run together.
+
+        Rows run as one right-padded batch where the graph takes `QUERY_LENGTHS`, except that a
+        row with one new token never shares a run with longer ones: a one-token run is a
+        decode step, which rounds differently from a chunk (`runtime.speculation`), and a
+        prompt's first answer token must not depend on the prompts it arrived with. Every row
+        needs its cached length plus the padded width within the arena's `room` positions.
+        """
+        if not self.query_lengths:
+            return [range(i, i + 1) for i in range(len(rests))]
+        runs: list[range] = []
+        start, cached = 0, 0  # the run's first row, and the longest cache in it
+        for i, rest in enumerate(rests):
+            cached = max(cached, lengths[i] - rest)
+            if i > start and ((rests[start] == 1) != (rest == 1) or cached + rest > room):
+                runs.append(range(start, i))
+                start, cached = i, lengths[i] - rest
+        return runs + [range(start, len(rests))] if rests else []
 
     def retain(self, state: SharedKvState, rows: list[int], tokens: list[list[int]],
                cache_salts: list[str | None]) -> None:

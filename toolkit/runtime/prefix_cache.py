@@ -84,6 +84,11 @@ class PrefixCache:
         self._blocks: OrderedDict[BlockKey, CachedBlock] = OrderedDict()
         self._ids = itertools.count(1)
 
+    def holds(self, tokens: Sequence[int], salt: str | None = None) -> bool:
+        """Whether the first block of `tokens` is cached under `salt` (no counter or recency
+        changes: a look before `match`)."""
+        return (0 if salt is None else salt, tuple(tokens[:self.block])) in self._blocks
+
     def match(self, tokens: Sequence[int], salt: str | None = None) -> list[CachedBlock]:
         """The blocks cached under `salt` that `tokens` starts with, leaving at least one token
         to run (its logits pick the first answer token)."""

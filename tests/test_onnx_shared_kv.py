@@ -270,9 +270,11 @@ def test_gateway_serves_it_like_the_old_path(tiny_gqa_dir, tiny_onnx_dir):
         check_disconnect_leaves_the_batch(live.base_url, scheduler)
 
 
-def test_extend_feeds_several_tokens_like_steps_and_rewind_forgets_them(gqa_lm):
+def test_extend_feeds_several_tokens_like_steps_and_rewind_forgets_them(gqa_lm, tiny_gqa_dir,
+                                                                       tmp_path):
     """Speculation's check: k tokens in one run give each position's logits of k steps, and
-    after a rewind the next step sees only the tokens kept."""
+    after a rewind the next step sees only the tokens kept; rows of a batch feed different
+    counts in one run, each as if alone (an export without per-row counts: one row only)."""
     backend = _backend(gqa_lm)
     prompt, fed = [5, 17, 230, 41, 9], [77, 301, 12, 450]
     state, _ = backend.prefill([prompt])
@@ -281,13 +283,32 @@ def test_extend_feeds_several_tokens_like_steps_and_rewind_forgets_them(gqa_lm):
         state, logits = backend.decode(state, np.array([token]))
         stepped.append(logits[0])
     state, _ = backend.prefill([prompt])
-    state, together = backend.extend(state, np.array(fed))
-    np.testing.assert_allclose(together, np.stack(stepped), atol=1e-4)
-    state = backend.rewind(state, 2)  # keep 77, 301; then feed 99
+    state, together = backend.extend(state, np.array([fed]), np.array([4]))
+    np.testing.assert_allclose(together[0], np.stack(stepped), atol=1e-4)
+    state = backend.rewind(state, np.array([2]))  # keep 77, 301; then feed 99
     _, after = backend.decode(state, np.array([99]))
     solo, _ = backend.prefill([prompt + fed[:2]])
     _, expected = backend.decode(solo, np.array([99]))
     np.testing.assert_allclose(after, expected, atol=1e-4)
-    two, _ = backend.prefill([prompt, prompt])
+    # three rows, in a batch whose logical order differs from its physical one
+    prompts = [prompt, [8, 8, 31, 7], prompt + [3, 3, 3]]
+    batch, _ = backend.prefill(prompts)
+    batch = backend.select(batch, [2, 0, 1])
+    counts = np.array([1, 4, 2])
+    tokens = np.array([[60, 0, 0, 0], fed, [44, 45, 0, 0]])
+    batch, logits = backend.extend(batch, tokens, counts)
+    batch = backend.rewind(batch, np.array([0, 1, 0]))
+    _, next_logits = backend.decode(batch, np.array([1, 2, 3]))
+    for row, source in enumerate([2, 0, 1]):
+        alone, _ = backend.prefill([prompts[source]])
+        alone, expected = backend.extend(alone, tokens[row:row + 1, :counts[row]],
+                                         counts[row:row + 1])
+        np.testing.assert_allclose(logits[row, :counts[row]], expected[0], atol=1e-4)
+        alone = backend.rewind(alone, np.array([[0, 1, 0][row]]))
+        _, expected = backend.decode(alone, np.array([row + 1]))
+        np.testing.assert_allclose(next_logits[row], expected[0], atol=1e-4)
+    old = _backend(_older_export(tiny_gqa_dir, tmp_path / "legacy"))
+    assert backend.batch_extend and not old.batch_extend
+    two, _ = old.prefill([prompt, prompt])
     with pytest.raises(ValueError, match="one row at a time"):
-        backend.extend(two, np.array(fed))
+        old.extend(two, np.array([fed, fed]), np.array([4, 4]))

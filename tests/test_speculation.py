@@ -8,7 +8,12 @@ import httpx
 import numpy as np
 import pytest
 
-from toolkit.runtime.speculation import DraftPolicy, NgramSpeculation, accepted
+from toolkit.runtime.speculation import (
+    DraftPolicy,
+    NgramSpeculation,
+    accepted,
+    draft_width,
+)
 
 
 def _ids(*tokens: int) -> np.ndarray:
@@ -57,7 +62,7 @@ def test_served_answers_are_unchanged_and_drafts_are_kept(tiny_gqa_dir, monkeypa
     from tests.test_serve_engines import chat
     from toolkit.serve.engines import batching
 
-    monkeypatch.setattr(batching, "measure_extra_cost", lambda backend, tokens: 0.25)
+    monkeypatch.setattr(batching, "measure_extra_cost", lambda backend, tokens, rows: 0.25)
 
     prompts = [" ".join(["le protocole de lavage des mains"] * 6),
                "step one step two step three step one step two"]
@@ -99,35 +104,87 @@ def test_served_answers_are_unchanged_and_drafts_are_kept(tiny_gqa_dir, monkeypa
     assert status[4]["steps"] == generated - status[4]["accepted_tokens"]
 
 
+def test_concurrent_requests_draft_in_one_run_and_answer_as_without_drafts(tiny_gqa_dir,
+                                                                            monkeypatch):
+    """Requests running together check their drafts in one several-row run, rows without a
+    draft riding along; every answer is the one served without speculation (fp32 graph)."""
+    import concurrent.futures
+
+    from tests.serve_helpers import live_gateway
+    from tests.test_serve_engines import chat
+    from toolkit.runtime.onnx_shared_kv import SharedKvStepBackend
+    from toolkit.serve.engines import batching
+
+    monkeypatch.setattr(batching, "measure_extra_cost", lambda backend, tokens, rows: 0.05)
+    rows_extended: list[int] = []
+    extend = SharedKvStepBackend.extend
+
+    def recorded(self, state, tokens, counts):
+        rows_extended.append(len(state))
+        return extend(self, state, tokens, counts)
+
+    monkeypatch.setattr(SharedKvStepBackend, "extend", recorded)
+    prompts = [" ".join(["le protocole de lavage des mains"] * 6),
+               "step one step two step three step one step two",
+               "wash hands, then gloves; wash hands, then gloves; wash"]
+    answers = {}
+    for tokens in (0, 4):
+        with live_gateway(tiny_gqa_dir, engine="onnxruntime", model_name="tiny", threads=1,
+                          speculative_tokens=tokens) as live, \
+                concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+            answers[tokens] = list(pool.map(
+                lambda p, url=live.base_url: chat(url, p, temperature=0, max_tokens=48,
+                                                  ignore_eos=True)["choices"][0]["message"],
+                prompts))
+            status = httpx.get(f"{live.base_url}/ready").json()
+    assert answers[4] == answers[0]
+    assert status["draft_rows"] == batching.DRAFT_ROWS[-1] and status["accepted_tokens"] > 0
+    assert max(rows_extended) >= 2
+
+
 def test_policy_drafts_long_when_drafts_are_kept_and_cheap():
-    policy = DraftPolicy(extra_cost=0.2)  # onnx-w8a8's measured cost
+    policy = DraftPolicy()
     for _ in range(10):
         policy.record_draft(4, 4)
     assert policy.keep_rate > 0.9
-    assert policy.length(4) == 4
-    assert policy.length(2) == 2  # never more than proposed
-    assert policy.length(0) == 0
+    assert draft_width([policy], [4], 0.2) == 4  # onnx-w8a8's measured cost
+    assert draft_width([policy], [2], 0.2) == 2  # never more than proposed
+    assert draft_width([policy], [0], 0.2) == 0
 
 
 def test_policy_stops_drafting_when_drafts_miss_and_starts_again_when_they_would_hit():
-    policy = DraftPolicy(extra_cost=0.38)  # onnx-int4's
+    policy = DraftPolicy()
     for _ in range(10):
         policy.record_draft(1, 0)
-    assert policy.keep_rate < 0.1 and policy.length(4) == 0
+    assert policy.keep_rate < 0.1 and draft_width([policy], [4], 0.38) == 0  # onnx-int4's
     for _ in range(10):  # plain steps whose token the draft's first token would have matched
         policy.record_draft(1, 1)
-    assert policy.length(4) >= 1
+    assert draft_width([policy], [4], 0.38) >= 1
 
 
 def test_policy_weighs_keep_rate_against_cost():
     """At a keep rate of ~0.67 one draft token pays at r = 0.2 and not at r = 1."""
-    cheap, dear = DraftPolicy(extra_cost=0.2), DraftPolicy(extra_cost=1.0)
-    for policy in (cheap, dear):
-        for _ in range(20):
-            policy.record_draft(2, 1)  # one kept, then a miss
-            policy.record_draft(1, 1)
-    assert 0.6 < cheap.keep_rate < 0.7
-    assert cheap.length(4) >= 1 and dear.length(4) == 0
+    policy = DraftPolicy()
+    for _ in range(20):
+        policy.record_draft(2, 1)  # one kept, then a miss
+        policy.record_draft(1, 1)
+    assert 0.6 < policy.keep_rate < 0.7
+    assert draft_width([policy], [4], 0.2) >= 1 and draft_width([policy], [4], 1.0) == 0
+
+
+def test_a_batch_drafts_one_width_for_the_tokens_its_rows_would_keep():
+    """Rows without a draft ride along: they add nothing to the tokens a wider run yields, so
+    the same cost needs more kept drafts from the others; a row's short draft counts whole."""
+    keen, missing = DraftPolicy(), DraftPolicy()
+    for _ in range(10):
+        keen.record_draft(4, 4)
+        missing.record_draft(1, 0)
+    assert draft_width([keen, keen], [4, 4], 0.3) == 4
+    assert draft_width([keen, keen], [4, 1], 0.3) == 4
+    # one keen row of four: 1 + ~4 tokens for four rows must beat r = 0.3 per token
+    assert draft_width([keen, missing, missing, missing], [4, 0, 0, 0], 0.3) == 0
+    assert draft_width([keen, missing, missing, missing], [4, 0, 0, 0], 0.05) == 4
+    assert draft_width([], [], 0.2) == 0
 
 
 def test_extra_cost_takes_the_fastest_runs(monkeypatch):
@@ -144,12 +201,13 @@ def test_extra_cost_takes_the_fastest_runs(monkeypatch):
         def prefill(self, prompts):
             return 0, None
 
-        def extend(self, state, tokens):
-            now[0] += next(slow) * (0.010 + 0.0025 * (len(tokens) - 1))  # r = 0.25
-            return state + len(tokens), None
+        def extend(self, state, tokens, counts):
+            assert tokens.shape == (1, counts[0])
+            now[0] += next(slow) * (0.010 + 0.0025 * (tokens.shape[1] - 1))  # r = 0.25
+            return state + counts[0], None
 
         def rewind(self, state, positions):
-            return state - positions
+            return state - positions[0]
 
     monkeypatch.setattr(speculation, "time", SimpleNamespace(perf_counter=lambda: now[0]))
     assert speculation.measure_extra_cost(FakeBackend(), 4) == pytest.approx(0.25)
@@ -161,5 +219,6 @@ def test_extra_cost_is_measured_on_a_real_backend(tiny_gqa_dir):
     from toolkit.runtime.onnx_steps import step_backend
     from toolkit.runtime.speculation import measure_extra_cost
 
-    cost = measure_extra_cost(step_backend(OnnxCausalLM.from_dir(tiny_gqa_dir, threads=1), 64), 4)
-    assert 0.0 <= cost < 100.0
+    backend = step_backend(OnnxCausalLM.from_dir(tiny_gqa_dir, threads=1), 64)
+    for rows in (1, 4):
+        assert 0.0 <= measure_extra_cost(backend, 4, rows) < 100.0

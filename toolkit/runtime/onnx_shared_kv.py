@@ -306,31 +306,49 @@ class SharedKvStepBackend(OrtKvLayout):
         return SharedKvState(arena, state.slots, lengths), \
             logits if in_order else logits[state.slots]
 
-    def extend(self, state: SharedKvState, tokens: np.ndarray) -> tuple[SharedKvState, np.ndarray]:
-        """Feed several tokens to a one-row batch in one run; the logits after each.
+    @property
+    def batch_extend(self) -> bool:
+        """Whether `extend` takes several rows: graphs with `QUERY_LENGTHS` only."""
+        return self.query_lengths
 
-        Speculation's check (`runtime.speculation`): the next token and its draft go through
-        the weights once, as a warm prompt's rest does (GroupQueryAttention takes several new
-        tokens after a cache for one row at a time, hence one row).
+    def extend(self, state: SharedKvState, tokens: np.ndarray,
+               counts: np.ndarray) -> tuple[SharedKvState, np.ndarray]:
+        """Feed logical row i its first `counts[i]` tokens of `tokens[i]` in one run.
+
+        Speculation's check (`runtime.speculation`): each row's next token and its draft go
+        through the weights once, as prompts' rests after cached blocks do. A graph without
+        `QUERY_LENGTHS` takes one row (GroupQueryAttention then takes several new tokens after
+        a cache for a batch of one only).
 
         Returns:
-            The state, `len(tokens)` positions longer, and logits (len(tokens), vocab).
+            The state, each row `counts[i]` positions longer, and logits
+            (rows, width, vocab) after each position (a row's padding positions: no meaning).
         """
-        if len(state) != 1:
-            raise ValueError(f"extend feeds one row at a time, not {len(state)}")
-        lengths = state.lengths + len(tokens)
-        arena = self._fit(state, 1, int(lengths[0]))
-        logits = self._run(arena, np.asarray(tokens, dtype=np.int64)[None, :], lengths,
-                           np.arange(len(tokens))[None, :])
-        return SharedKvState(arena, state.slots, lengths), logits[0]
+        tokens = np.asarray(tokens, dtype=np.int64)
+        counts = np.asarray(counts, dtype=np.int64)
+        if len(state) != 1 and not self.query_lengths:
+            raise ValueError(f"extend feeds one row at a time on a graph without "
+                             f"{QUERY_LENGTHS}, not {len(state)}")
+        width = tokens.shape[1]
+        # every row's cache plus the whole padded width must fit (GroupQueryAttention's rule)
+        arena = self._fit(state, len(state), int(state.lengths.max()) + width)
+        ids = np.empty_like(tokens)
+        ids[state.slots] = tokens
+        lengths = state.lengths + counts
+        physical, fed = np.empty_like(lengths), np.empty_like(counts)
+        physical[state.slots], fed[state.slots] = lengths, counts
+        positions = np.broadcast_to(np.arange(width), tokens.shape)
+        logits = self._run(arena, ids, physical, positions, counts=fed)
+        return SharedKvState(arena, state.slots, lengths), logits[state.slots]
 
-    def rewind(self, state: SharedKvState, positions: int) -> SharedKvState:
-        """Forget every row's last `positions` cached tokens (a draft's rejected tail).
+    def rewind(self, state: SharedKvState, positions: np.ndarray) -> SharedKvState:
+        """Forget row i's last `positions[i]` cached tokens (a draft's rejected tail).
 
         Nothing is copied: attention reads a row's first `lengths` positions only, and the
         next step writes over the rest.
         """
-        return SharedKvState(state.arena, state.slots, state.lengths - positions)
+        return SharedKvState(state.arena, state.slots,
+                             state.lengths - np.asarray(positions, dtype=np.int64))
 
     def select(self, state: SharedKvState, rows: list[int]) -> SharedKvState:
         """Keep `rows`; each physical hole left below the new size gets one row from above it."""

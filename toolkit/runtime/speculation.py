@@ -83,28 +83,19 @@ def accepted(draft: np.ndarray, choices: np.ndarray) -> int:
 
 
 class DraftPolicy:
-    """How many draft tokens each step of one request should check.
+    """How often one request's drafts are kept: `a`, its estimated keep rate.
 
-    If each draft token is kept with probability `a` (once those before it were), a draft of
-    `d` tokens yields (1 - a^(d+1)) / (1 - a) tokens for one run of d + 1 tokens, costing
-    (1 + r * d) one-token steps; the policy takes the `d` (0: a plain step) with the most
-    tokens per cost. `r` is the engine's, measured once when it starts (`measure_extra_cost`:
-    0.2 for onnx-w8a8's int8 GEMMs and 0.38 for onnx-int4's 4-bit kernels on the same CPU);
-    `a` is the request's own: kept / (kept + missed) over its drafts (a missed token ends a
-    draft), decayed per draft so it follows the answer, and fed also on plain steps (the token
-    a draft would have started with against the token the step chose).
-
-    Nothing here reads a clock, so a request's draft lengths, and with them which of its tokens
-    a quantized graph computes in several-token runs (rounded as a prefill is), follow from its
-    tokens alone: the same greedy request gets the same answer from the same server.
+    kept / (kept + missed) over its drafts (a missed token ends a draft), decayed per draft so
+    it follows the answer, and fed also on plain steps (the token a draft would have started
+    with against the token the step chose). `draft_width` weighs it against the cost of a
+    run's extra tokens.
     """
 
     #: prior: a = 0.5, worth this many observations
     PRIOR = 2.0
     DECAY = 0.9
 
-    def __init__(self, extra_cost: float) -> None:
-        self.extra_cost = extra_cost
+    def __init__(self) -> None:
         self._kept, self._missed = self.PRIOR / 2, self.PRIOR / 2
 
     @property
@@ -112,39 +103,59 @@ class DraftPolicy:
         """The estimated probability that a draft token is kept (`a`)."""
         return self._kept / (self._kept + self._missed)
 
-    def length(self, available: int) -> int:
-        """Draft tokens to check now, of `available` proposed (0: a plain step)."""
-        a, r = min(self.keep_rate, 0.999), self.extra_cost
-        best, best_value = 0, 1.0
-        for d in range(1, available + 1):
-            value = (1 - a ** (d + 1)) / (1 - a) / (1 + r * d)
-            if value > best_value:
-                best, best_value = d, value
-        return best
-
     def record_draft(self, drafted: int, kept: int) -> None:
         """`kept` of `drafted` draft tokens were confirmed (the first miss ends a draft)."""
         self._kept = self.DECAY * self._kept + kept
         self._missed = self.DECAY * self._missed + (1 if kept < drafted else 0)
 
 
-def measure_extra_cost(backend: DraftingBackend, tokens: int, rounds: int = 8) -> float:
-    """`r`: what one more token in a one-row run costs, in one-token runs (fastest of `rounds`).
+def draft_width(policies: list[DraftPolicy], available: list[int], extra_cost: float) -> int:
+    """Draft tokens per row for the next run of these rows (0: a plain step).
 
-    Timed once when an engine starts, on a 16-token dummy prompt (~0.3 s for a 135M model on
-    2 cores): the kernels' cost of more rows differs 2x between exports and between CPUs. The
-    fastest of several runs each, since other work on the cores (servers starting beside it)
-    only ever slows a run: 3 rounds measured onnx-w8a8 at 0.09-0.28 on busy cores.
+    If row i keeps each draft token with probability `a_i` (once those before it were), a
+    draft of `d` tokens yields (1 - a_i^(d+1)) / (1 - a_i) tokens, and a run `d` tokens wider
+    than a step costs (1 + r d) steps of the same rows (`r`: `extra_cost`, measured at that
+    many rows when the engine starts, `measure_extra_cost`). The width with the most tokens per
+    cost wins; a row with fewer tokens `available` drafts those and rides along (one new token
+    in the wider run). One row: 0.2 for onnx-w8a8 and 0.38 for onnx-int4 on 2 AVX2 cores; at 8
+    rows ~0.7, where drafts stop paying.
+
+    Nothing here reads a clock, so a lone request's draft lengths, and with them which of its
+    tokens a quantized graph computes in several-token runs (rounded as a prefill is), follow
+    from its tokens alone: the same greedy request gets the same answer from the same server
+    when it runs alone. In a batch they follow from every row's tokens.
     """
-    state, _ = backend.prefill([list(range(1, 17))])
-    fed = np.arange(1, tokens + 2, dtype=np.int64)
+    rates = [min(policy.keep_rate, 0.999) for policy in policies]
+    best, best_value = 0, float(len(rates))
+    for d in range(1, max(available, default=0) + 1):
+        tokens = sum((1 - a ** (min(d, n) + 1)) / (1 - a) for a, n in zip(rates, available))
+        value = tokens / (1 + extra_cost * d)
+        if value > best_value:
+            best, best_value = d, value
+    return best
+
+
+def measure_extra_cost(backend: DraftingBackend, tokens: int, rows: int = 1,
+                       rounds: int = 8) -> float:
+    """`r`: what one more token per row in a run of `rows` rows costs, in one-token runs of
+    those rows (fastest of `rounds`).
+
+    Timed once when an engine starts, on 16-token dummy prompts (~0.3 s at one row for a 135M
+    model on 2 cores): the kernels' cost of more tokens differs 2x between exports and CPUs,
+    and grows with the rows (a 16-row step is already a batch of 16 GEMM rows). The fastest
+    of several runs each, since other work on the cores (servers starting beside it) only
+    ever slows a run: 3 rounds measured onnx-w8a8 at 0.09-0.28 on busy cores.
+    """
+    state, _ = backend.prefill([list(range(1, 17))] * rows)
+    fed = np.tile(np.arange(1, tokens + 2, dtype=np.int64), (rows, 1))
     one = many = float("inf")
     for _ in range(rounds + 1):  # the slowest round (the first: allocations) never counts
         for size in (1, tokens + 1):
+            counts = np.full(rows, size, dtype=np.int64)
             started = time.perf_counter()
-            state, _ = backend.extend(state, fed[:size])
+            state, _ = backend.extend(state, fed[:, :size], counts)
             seconds = time.perf_counter() - started
-            state = backend.rewind(state, size)
+            state = backend.rewind(state, counts)
             if size == 1:
                 one = min(one, seconds)
             else:

@@ -45,14 +45,19 @@ class StepBackend(Protocol):
 
 @runtime_checkable
 class DraftingBackend(StepBackend, Protocol):
-    """A `StepBackend` that can check a draft: several tokens of one row in one run
+    """A `StepBackend` that can check drafts: several tokens per row in one run
     (`runtime.speculation`), and forget the rejected ones."""
 
-    def extend(self, state: Any, tokens: np.ndarray) -> tuple[Any, np.ndarray]:
-        """Feed `tokens` to a one-row state; the new state and logits after each token."""
+    #: whether `extend` takes several rows at once (else one-row states only)
+    batch_extend: bool
 
-    def rewind(self, state: Any, positions: int) -> Any:
-        """Forget every row's last `positions` tokens."""
+    def extend(self, state: Any, tokens: np.ndarray, counts: np.ndarray) -> tuple[Any, np.ndarray]:
+        """Feed row i its first `counts[i]` tokens of `tokens[i]` (rows, width; right-padded);
+        the new state and the logits after each position (rows, width, vocab; a row's padded
+        positions hold no meaning)."""
+
+    def rewind(self, state: Any, positions: np.ndarray) -> Any:
+        """Forget row i's last `positions[i]` tokens."""
 
 
 def is_greedy(temperature: float, top_p: float) -> bool:

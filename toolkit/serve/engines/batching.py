@@ -27,12 +27,18 @@ from toolkit.runtime.speculation import (
     DraftPolicy,
     NgramSpeculation,
     accepted,
+    draft_width,
     measure_extra_cost,
 )
 from toolkit.runtime.steps import DraftingBackend, StepBackend, is_greedy, sample_token
 from toolkit.serve.engines.base import GenerationChunk, PreparedRequest
 
 log = logging.getLogger("toolkit.serve")
+
+#: batch sizes whose draft-token cost is timed at start (a batch drafts at the cost of the
+#: next size up; larger batches never draft: at 8 rows of onnx-w8a8 one more token per row
+#: already costs ~0.7 of a step)
+DRAFT_ROWS = (1, 2, 4, 8)
 
 class StopMatcher:
     """Find the first stop string in text that arrives piece by piece, in linear time.
@@ -155,7 +161,7 @@ class _Sequence:
     generated: list[int] = field(default_factory=list)
     cancelled: bool = False
     done: bool = False
-    policy: DraftPolicy | None = None  # its draft lengths, when it runs alone and drafts
+    policy: DraftPolicy | None = None  # how often its drafts are kept, once it drafts
     _ids: np.ndarray | None = None  # prompt + generated, filled as drafts need it
     _filled: int = 0
 
@@ -212,7 +218,8 @@ class SchedulerStats:
     decode_s: float = 0.0
     draft_tokens: int = 0  # speculation: tokens checked, and those kept and sent (no step of
     accepted_tokens: int = 0  # their own; tokens kept after an answer's end are not counted)
-    draft_token_cost: float = 0.0  # one more token in a run, in one-token runs (at start)
+    draft_token_cost: float = 0.0  # one more token in a one-row run, in one-token runs
+    draft_rows: int = 0  # the most rows a run checks drafts for (both timed at start)
 
 
 class BatchScheduler:
@@ -223,9 +230,10 @@ class BatchScheduler:
                  on_thread_start: Callable[[], None] | None = None,
                  speculation: NgramSpeculation | None = None) -> None:
         self.backend = backend
-        # drafts need a backend that feeds one row several tokens in a run (and forgets some)
+        # drafts need a backend that feeds rows several tokens in a run (and forgets some)
         self._drafting = (backend, speculation) if speculation is not None and \
             speculation.tokens and isinstance(backend, DraftingBackend) else None
+        self._draft_costs: dict[int, float] = {}  # rows -> r (`measure_extra_cost`)
         self.decode = decode
         self.eos_ids = eos_ids
         self.max_batch = max_batch
@@ -352,23 +360,21 @@ class BatchScheduler:
             self._next = np.concatenate([self._next, tokens[keep]])
 
     def _step(self) -> None:
-        draft = self._next[:0]
-        policy = None
-        if self._drafting is not None and len(self._active) == 1:
+        drafts: list[np.ndarray] = []
+        if self._drafting is not None:
             drafter, speculation = self._drafting
-            seq = self._active[0]
-            policy = seq.policy = seq.policy or DraftPolicy(self.stats.draft_token_cost)
-            draft = self._draft(seq, speculation)
-            length = policy.length(len(draft))
-            if length:
-                self._speculative_step(seq, draft[:length], drafter, policy)
+            drafts = self._drafts(speculation)
+            width = self._draft_width(drafts)
+            if width:
+                self._speculative_step([draft[:width] for draft in drafts], drafter)
                 return
         started = time.perf_counter()
         self._state, logits = self.backend.decode(self._state, self._next)
         self._count_step(len(self._active), time.perf_counter() - started)
         tokens = self._sample_all(self._active, logits)
-        if policy is not None and draft.size:  # the draft not run: its first token kept?
-            policy.record_draft(1, int(draft[0] == tokens[0]))
+        for seq, draft, token in zip(self._active, drafts, tokens):
+            if draft.size:  # the draft not run: would its first token have been kept?
+                seq.policy.record_draft(1, int(draft[0] == token))
         finished = [self._accept(seq, int(tokens[i])) for i, seq in enumerate(self._active)]
         self._next = tokens
         if any(finished):
@@ -376,56 +382,92 @@ class BatchScheduler:
             self._keep([i for i, done in enumerate(finished) if not done])
 
     def _count_step(self, rows: int, seconds: float) -> None:
-        """One decode run over `rows` rows took `seconds` (a speculative run counts one row)."""
+        """One decode run over `rows` rows took `seconds` (however many tokens each fed)."""
         self.stats.decode_s += seconds
         self.stats.steps += 1
         self.stats.rows_decoded += rows
         self.stats.max_rows = max(self.stats.max_rows, rows)
 
     def _measure_draft_cost(self, drafter: DraftingBackend, speculation: NgramSpeculation) -> None:
-        """Time what a draft token costs once, before serving; drafts stay off if it fails."""
+        """Time what a draft token costs once, before serving, at each of `DRAFT_ROWS` the
+        backend can extend; drafts stay off if it fails."""
+        sizes = DRAFT_ROWS if drafter.batch_extend else DRAFT_ROWS[:1]
         try:
-            self.stats.draft_token_cost = measure_extra_cost(drafter, speculation.tokens)
+            self._draft_costs = {rows: measure_extra_cost(drafter, speculation.tokens, rows)
+                                 for rows in sizes if rows <= self.max_batch}
         except Exception:  # a model that cannot run the dummy prompt still serves, undrafted
             log.exception("%s: measuring the cost of draft tokens failed; drafts are off",
                           self._name)
             self._drafting = None
             return
-        log.info("%s: one more token in a run costs %.2f of a one-token step (drafts of up to "
-                 "%d tokens)", self._name, self.stats.draft_token_cost, speculation.tokens)
+        self.stats.draft_token_cost = self._draft_costs[1]
+        self.stats.draft_rows = max(self._draft_costs)
+        log.info("%s: one more token per row in a run costs %s of a one-token step (by rows; "
+                 "drafts of up to %d tokens)", self._name,
+                 ", ".join(f"{r}: {c:.2f}" for r, c in self._draft_costs.items()),
+                 speculation.tokens)
 
-    def _draft(self, seq: _Sequence, speculation: NgramSpeculation) -> np.ndarray:
-        """Draft tokens for a lone greedy row, as many as its answer still has room for."""
-        params = seq.prepared.request.sampling
-        room = seq.prepared.max_tokens - len(seq.generated) - 1
-        if room <= 0 or not is_greedy(params.temperature, params.top_p):
-            return self._next[:0]  # sampled rows would need rejection sampling: not drafted
-        return speculation.propose(seq.ids())[:room]
+    def _drafts(self, speculation: NgramSpeculation) -> list[np.ndarray]:
+        """Each active row's draft, when the batch may draft (else none): every row greedy
+        (sampled rows would need rejection sampling) and no more rows than were timed."""
+        if len(self._active) > self.stats.draft_rows:
+            return []
+        drafts = []
+        for seq in self._active:
+            params = seq.prepared.request.sampling
+            if not is_greedy(params.temperature, params.top_p):
+                return []
+            seq.policy = seq.policy or DraftPolicy()
+            drafts.append(speculation.propose(seq.ids()))
+        return drafts
 
-    def _speculative_step(self, seq: _Sequence, draft: np.ndarray, drafter: DraftingBackend,
-                          policy: DraftPolicy) -> None:
-        """Feed the next token and its draft in one run; keep what greedy decoding confirms.
+    def _draft_width(self, drafts: list[np.ndarray]) -> int:
+        """Draft tokens per row for this step: what pays (`draft_width`) within every row's
+        room (a run as wide as its widest row must fit each row's answer limit)."""
+        if not drafts:
+            return 0
+        room = min(seq.prepared.max_tokens - len(seq.generated) - 1 for seq in self._active)
+        rows = len(drafts)
+        cost = self._draft_costs[min(r for r in self._draft_costs if r >= rows)]
+        return draft_width([seq.policy for seq in self._active],
+                           [min(len(draft), room) for draft in drafts], cost) if room > 0 else 0
 
-        The step yields the confirmed draft tokens and the argmax after the last of them, so
-        one to `len(draft) + 1` tokens, each the argmax after the tokens before it (see
-        `runtime.speculation` on quantized graphs' rounding).
+    def _speculative_step(self, drafts: list[np.ndarray], drafter: DraftingBackend) -> None:
+        """Feed every row's next token and draft in one run; keep what greedy decoding
+        confirms.
+
+        A row yields its confirmed draft tokens and the argmax after the last of them, so one
+        to `len(draft) + 1` tokens, each the argmax after the tokens before it (see
+        `runtime.speculation` on quantized graphs' rounding); a row without a draft yields one.
         """
+        counts = np.array([1 + len(draft) for draft in drafts], dtype=np.int64)
+        fed = np.zeros((len(drafts), int(counts.max())), dtype=np.int64)
+        fed[:, 0] = self._next
+        for row, draft in enumerate(drafts):
+            fed[row, 1:1 + len(draft)] = draft
         started = time.perf_counter()
-        state, logits = drafter.extend(self._state, np.concatenate([self._next, draft]))
-        self._count_step(1, time.perf_counter() - started)
+        state, logits = drafter.extend(self._state, fed, counts)
+        self._count_step(len(drafts), time.perf_counter() - started)
         choices = np.asarray(logits.argmax(axis=-1), dtype=np.int64)
-        kept = accepted(draft, choices)
-        self._state = drafter.rewind(state, len(draft) - kept)
-        policy.record_draft(len(draft), kept)
-        self.stats.draft_tokens += len(draft)
-        for used, token in enumerate(choices[:kept + 1]):
-            if self._accept(seq, int(token)):  # kept tokens after an end are dropped
-                self.stats.accepted_tokens += used
-                self._retain([0])
-                self._keep([])
-                return
-        self.stats.accepted_tokens += kept
-        self._next = choices[kept:kept + 1]
+        kept = np.array([accepted(draft, choices[row]) for row, draft in enumerate(drafts)],
+                        dtype=np.int64)
+        self._state = drafter.rewind(state, counts - 1 - kept)
+        finished = []
+        for row, (seq, draft) in enumerate(zip(self._active, drafts)):
+            if draft.size:
+                seq.policy.record_draft(len(draft), int(kept[row]))
+            self.stats.draft_tokens += len(draft)
+            for used, token in enumerate(choices[row, :kept[row] + 1]):
+                if self._accept(seq, int(token)):  # kept tokens after an end are dropped
+                    self.stats.accepted_tokens += used
+                    finished.append(row)
+                    break
+            else:
+                self.stats.accepted_tokens += int(kept[row])
+        self._next = choices[np.arange(len(drafts)), kept]
+        if finished:
+            self._retain(finished)
+            self._keep([row for row in range(len(drafts)) if row not in finished])
 
     def _retain(self, rows: list[int]) -> None:
         """Hand finished rows' conversations to a backend that caches prompt prefixes, before

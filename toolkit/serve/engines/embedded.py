@@ -34,7 +34,7 @@ class EmbeddedEngine:
         load: builds `(tokenizer, backend, eos_ids)`; runs in a worker thread at `start`.
         max_batch: rows decoded together.
         on_thread_start: runs on the decode thread first (torch thread count).
-        speculation: drafts for a lone greedy request, where the backend can check them.
+        speculation: drafts for greedy requests, where the backend can check them.
     """
 
     kind: Literal["generate"] = "generate"

@@ -33,8 +33,8 @@ def build_onnx_engine(info: EngineInfo, path: Path, max_batch: int, threads: int
     Args:
         prefix_cache_bytes: budget of the prompt-prefix KV cache (`runtime.prefix_cache`) of a
             builder graph; 0 prefills every prompt whole.
-        speculation: how a lone greedy request's drafts are looked up (`runtime.speculation`);
-            builder graphs only (their backend feeds one row several tokens), None: off.
+        speculation: how greedy requests' drafts are looked up (`runtime.speculation`);
+            builder graphs only (their backend feeds rows several tokens), None: off.
 
     Raises (at start):
         MissingExtraError: onnxruntime is not installed (pip install 'toolkit[onnx]').

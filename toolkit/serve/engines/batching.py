@@ -40,6 +40,7 @@ log = logging.getLogger("toolkit.serve")
 #: already costs ~0.7 of a step)
 DRAFT_ROWS = (1, 2, 4, 8)
 
+
 class StopMatcher:
     """Find the first stop string in text that arrives piece by piece, in linear time.
 

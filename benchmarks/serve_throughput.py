@@ -15,7 +15,7 @@ Setups, all started first and then measured in interleaved passes (A B C C B A) 
   vllm gateway/direct  with --vllm-python: the gateway over vLLM, and vLLM on its private port
   ... +ngram           the same server drafting tokens by n-gram lookup (`--speculation`,
                        default both: every server with and without): the toolkit while at
-                       most 8 requests run (`--speculative-tokens`), llama-server with its own
+                       most 2 requests run (`--speculative-tokens`), llama-server with its own
                        `--spec-type ngram-simple` (LLAMA_NGRAM)
 
 Every request streams a chat completion, greedy, `max_tokens` 64 with `ignore_eos`, so every
@@ -382,7 +382,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="threads of every server")
     parser.add_argument("--speculation", choices=["on", "off", "both"], default="both",
                         help="servers draft tokens by n-gram lookup (toolkit: while at most "
-                             "8 requests run, `--speculative-tokens`; llama-server: "
+                             "2 requests run, `--speculative-tokens`; llama-server: "
                              "`--spec-type ngram-simple`), or not, or both side by side (default)")
     parser.add_argument("--speculative-tokens", type=int, default=4,
                         help="the drafting gateways' --speculative-tokens")

@@ -133,10 +133,10 @@ class ServeSettings(BaseModel):
     )
     speculative_tokens: int = Field(
         default=0, ge=0, le=16,
-        description="onnxruntime engine: while up to 8 greedy requests run, draft up to this "
-        "many tokens each (4 is a good start) from its own prompt and answer (n-gram lookup, "
+        description="onnxruntime engine: while one or two greedy requests run, draft up to "
+        "this many tokens each (4 is a good start) from its own prompt and answer (n-gram lookup, "
         "vLLM's `ngram` method) and check them in one step, keeping each while it is the "
-        "argmax: 1.2-1.4x faster for one client here, a few percent at 2-4. Off (0) by "
+        "argmax: 1.2-1.4x faster for one client here, ~1.1x for two. Off (0) by "
         "default: on quantized graphs the check rounds as a prefill does, not as one-token "
         "steps, so greedy answers can differ from those without drafts (a request alone gets "
         "the same answer from one server; in a batch it can depend on the others).",

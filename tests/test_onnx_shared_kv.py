@@ -161,6 +161,12 @@ def test_prompts_after_cached_blocks_share_runs_and_get_the_logits_of_running_al
         state, logits = batched.decode(state, tokens)
         ref_state, ref = alone.decode(ref_state, tokens)
         np.testing.assert_allclose(logits, ref, atol=1e-5)
+    # a run splits where a row's cache plus the padded width would overflow the arena
+    # (rests sorted; lengths are whole prompts): 48 cached + 30 wide > 64
+    assert batched._warm_runs([1, 1, 2, 30], [33, 17, 50, 46], 64) == \
+        [range(2), range(2, 3), range(3, 4)]
+    assert batched._warm_runs([2, 30], [18, 46], 64) == [range(2)]
+    assert alone._warm_runs([2, 30], [18, 46], 64) == [range(1), range(1, 2)]
 
 
 def test_batched_rows_join_and_leave_like_solo(gqa_lm, tokenizer):

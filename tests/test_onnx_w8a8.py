@@ -19,6 +19,9 @@ pytest.importorskip("onnxruntime", reason="the onnx extra is not installed: pip 
 from toolkit.export.onnx_w8a8 import (
     ALPHA,
     INTEGER_GEMM,
+    LM_HEAD_ALPHA,
+    LM_HEAD_FP32_CHANNELS,
+    LM_HEAD_OUTPUT,
     quantize_onnx_w8a8,
     rewrite_matmuls,
 )
@@ -63,19 +66,24 @@ def test_graph_scores_close_to_fp32_and_decodes(tiny_gqa_fp32: Path, w8a8) -> No
 
     graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
     ops = [n.op_type for n in graph.node]
-    # 2 layers x qkv, gate+up (one GEMM over both weights), down; the lm_head and the attention
-    # output projections weight-only
-    assert facts["matmuls_rewritten"] == 8
-    assert ops.count(INTEGER_GEMM) == facts["integer_gemms"] == 6
+    # 2 layers x qkv, gate+up (one GEMM over both weights), down, and the lm_head; the
+    # attention output projections weight-only
+    assert facts["matmuls_rewritten"] == 9
+    assert ops.count(INTEGER_GEMM) == facts["integer_gemms"] == 7
     source = [n.op_type for n in onnx.load(str(tiny_gqa_fp32 / "model.onnx")).graph.node]
     assert "MatMulInteger" not in ops and ops.count("Cast") == source.count("Cast")
-    # every smoothing is folded into a norm or up's columns: the Muls left are the activation's
-    # two and each GEMM's row scales (its column scales are inside the GEMM)
-    assert facts["smoothing_muls"] == 0
-    assert ops.count("Mul") == ops.count(INTEGER_GEMM) + 2 * 2
-    assert ops.count("MatMulNBits") == facts["weight_only_int8"] == 1 + 2
+    # every decoder smoothing is folded into a norm or up's columns, the lm_head's stays a Mul
+    # (its input is the logit positions' gather): the other Muls are the activation's two and
+    # each GEMM's row scales (its column scales are inside the GEMM)
+    assert facts["smoothing_muls"] == 1
+    assert ops.count("Mul") == ops.count(INTEGER_GEMM) + 2 * 2 + 1
+    assert ops.count("MatMulNBits") == facts["weight_only_int8"] == 2
+    assert facts["lm_head_alpha"] == LM_HEAD_ALPHA
+    # the one float MatMul left: the lm_head's fp32 channels beside its integer GEMM
     weights = {init.name for init in graph.initializer}
-    assert not [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+    assert [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights] == \
+        [f"{LM_HEAD_OUTPUT}/fp32_channels/MatMul"]
+    assert facts["lm_head_fp32_channels"] == LM_HEAD_FP32_CHANNELS
     assert facts["alpha"] == ALPHA and facts["calibration_tokens"] > 0 and facts["reason"]
     assert (folder / "tokenizer.json").is_file()
     assert json.loads((folder / "config.json").read_text())["dtype"] == "float32"
@@ -99,13 +107,13 @@ def test_a_token_is_quantized_on_its_own(w8a8) -> None:
                                atol=1e-5 * np.abs(together[0]).max())
 
 
-def _one_matmul(weight: np.ndarray) -> object:
+def _one_matmul(weight: np.ndarray, output: str = "y") -> object:
     from onnx import TensorProto, helper, numpy_helper
 
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"], name="/proj/MatMul")], "one",
+        [helper.make_node("MatMul", ["x", "w"], [output], name="/proj/MatMul")], "one",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", weight.shape[0]])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", weight.shape[1]])],
+        [helper.make_tensor_value_info(output, TensorProto.FLOAT, ["rows", weight.shape[1]])],
         [numpy_helper.from_array(weight, "w")])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
 
@@ -127,6 +135,31 @@ def test_smoothing_keeps_an_outlier_channel_from_flattening_the_others() -> None
         assert [n.op_type for n in model.graph.node].count(INTEGER_GEMM) == 1
         errors[alpha] = np.abs(session.run(["y"], {"x": x})[0] - exact).max()
     assert errors[0.9] < errors[0.0] / 3, errors
+
+
+def test_the_lm_heads_widest_channels_run_in_fp32_beside_its_gemm() -> None:
+    """LLM.int8's split on the lm_head: its widest calibration channels are multiplied in fp32
+    and zeroed for the GEMM, so they no longer set each row's scale."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(4)
+    weight = rng.normal(0, 0.05, (64, 32)).astype(np.float32)
+    x = rng.normal(0, 1, (16, 64)).astype(np.float32)
+    x[:, [3, 20, 41]] *= 80
+    exact = x @ weight
+    errors = {}
+    for output in ("y", LM_HEAD_OUTPUT):  # the same MatMul as a decoder one, then as the head
+        model = _one_matmul(weight, output)
+        alpha = LM_HEAD_ALPHA  # the head's strength for both: only the split differs
+        assert rewrite_matmuls(model, {"x": np.abs(x).max(axis=0)}, alpha) == 1
+        session = ort.InferenceSession(model.SerializeToString(),
+                                       providers=["CPUExecutionProvider"])
+        errors[output] = np.abs(session.run([output], {"x": x})[0] - exact).max()
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count(INTEGER_GEMM) == 1 and ops.count("MatMul") == 1 and "Gather" in ops
+    fp32 = next(i for i in model.graph.initializer if i.name.endswith("fp32_channels/weight"))
+    assert list(fp32.dims) == [LM_HEAD_FP32_CHANNELS, 32]
+    assert errors[LM_HEAD_OUTPUT] < errors["y"] / 3, errors
 
 
 def _int8_weights(model: object) -> object:

@@ -123,9 +123,9 @@ def test_a_graph_exported_without_logit_positions_still_serves(gqa_lm, tiny_gqa_
 
 def test_prompts_after_cached_blocks_share_runs_and_get_the_logits_of_running_alone(
         gqa_lm, tiny_gqa_dir, tmp_path, monkeypatch):
-    """The rests of prompts that start with cached blocks run as one right-padded batch (one
-    run for those with one new token, one for the others), where an export without per-row
-    token counts runs each alone; logits, and the caches decoded after, are the same."""
+    """The rests of prompts that start with cached blocks run as right-padded batches (one-token
+    rests apart from the others), where an export without per-row token counts runs each
+    alone; logits, and the caches decoded after, are the same."""
     import onnx
 
     from toolkit.runtime.onnx_model import QUERY_LENGTHS
@@ -151,10 +151,11 @@ def test_prompts_after_cached_blocks_share_runs_and_get_the_logits_of_running_al
             return run(*args, **kwargs)
 
         monkeypatch.setattr(backend, "_run", counted)
-    # new tokens after the cache: 1, 8, 4, (cold 9), 2, 1
+    # new tokens after the cache: 1, 15, 4, (cold 9), 2, 1: runs [1, 1], [2, 4] and [15]
+    # (`padded_runs`: 15 would pad 2 and 4 by more than a run costs)
     state, logits = batched.prefill(wave)
     ref_state, ref = alone.prefill(wave)
-    assert runs == [[1 + 2], [1 + 5]]
+    assert runs == [[1 + 3], [1 + 5]]
     np.testing.assert_allclose(logits, ref, atol=1e-5)
     for _ in range(6):
         tokens = ref.argmax(-1)
@@ -165,8 +166,51 @@ def test_prompts_after_cached_blocks_share_runs_and_get_the_logits_of_running_al
     # (rests sorted; lengths are whole prompts): 48 cached + 30 wide > 64
     assert batched._warm_runs([1, 1, 2, 30], [33, 17, 50, 46], 64) == \
         [range(2), range(2, 3), range(3, 4)]
-    assert batched._warm_runs([2, 30], [18, 46], 64) == [range(2)]
-    assert alone._warm_runs([2, 30], [18, 46], 64) == [range(1), range(1, 2)]
+    assert batched._warm_runs([28, 30], [44, 46], 64) == [range(2)]
+    assert alone._warm_runs([28, 30], [44, 46], 64) == [range(1), range(1, 2)]
+
+
+def test_runs_group_rows_of_similar_widths_at_the_least_padded_cost():
+    from toolkit.runtime.onnx_shared_kv import RUN_COST_POSITIONS, padded_runs
+
+    # one long rest among short ones runs apart: 15 x 30 + 400 + 2 runs, not 16 x 400
+    assert padded_runs([30] * 15 + [400]) == [range(15), range(15, 16)]
+    # a split that saves fewer padded positions than a run costs is not made
+    assert padded_runs([2, 4, 8]) == [range(3)]
+    near = RUN_COST_POSITIONS + 4  # the second row pads 12 positions: a split saves 4 net
+    assert padded_runs([2, 2 + near]) == [range(1), range(1, 2)]
+    # one-token rows never share a run with longer ones
+    assert padded_runs([1, 1, 2, 3]) == [range(2), range(2, 4)]
+    # every row's cache plus the run's width fits the arena: 48 cached + 20 > 64
+    assert padded_runs([18, 20], [48, 10], 64) == [range(1), range(1, 2)]
+    assert padded_runs([18, 20], [40, 10], 64) == [range(2)]
+    assert padded_runs([]) == []
+
+
+def test_prompts_of_very_different_lengths_run_apart_with_the_logits_of_running_alone(
+        gqa_lm, monkeypatch):
+    """Cold prompts are sorted by length and batched by `padded_runs`: two short prompts and
+    two long ones make two runs, and every row's logits and cache are those of running alone."""
+    backend = _backend(gqa_lm)
+    rng = np.random.default_rng(8)
+    prompts = [rng.integers(4, 500, n).tolist() for n in (40, 3, 5, 38)]
+    solo = []
+    for prompt in prompts:
+        state, logits = backend.prefill([prompt])
+        solo.append((logits[0], backend.decode(state, np.array([9]))[1][0]))
+    widths: list[tuple[int, ...]] = []
+
+    def counted(arena, ids, *args, run=backend._run, **kwargs):
+        widths.append(ids.shape)
+        return run(arena, ids, *args, **kwargs)
+
+    monkeypatch.setattr(backend, "_run", counted)
+    state, logits = backend.prefill(prompts)
+    assert widths == [(2, 5), (2, 40)]
+    _, stepped = backend.decode(state, np.full(len(prompts), 9))
+    for row, (first, after) in enumerate(solo):
+        np.testing.assert_allclose(logits[row], first, atol=1e-4)
+        np.testing.assert_allclose(stepped[row], after, atol=1e-4)
 
 
 def test_batched_rows_join_and_leave_like_solo(gqa_lm, tokenizer):

@@ -39,6 +39,47 @@ from toolkit.runtime.prefix_cache import CachedBlock, PrefixCache
 #: rows and positions the first arena of a batch holds before it grows (doubling)
 MIN_ROWS = 4
 MIN_LENGTH = 256
+#: what one more session run costs, in padded positions: on onnx-w8a8 (SmolLM2, 2 AVX2
+#: cores) a one-row run of one token takes ~8.6 ms (reading every weight) and each further
+#: position ~1.1 ms, so splitting a batch pays once it saves about 8 padded positions
+RUN_COST_POSITIONS = 8
+
+
+def padded_runs(widths: list[int], cached: list[int] | None = None,
+                room: int | None = None) -> list[range]:
+    """Consecutive rows (sorted by `widths`, their new tokens) that run as right-padded
+    batches, at the least cost in padded positions.
+
+    A run costs `RUN_COST_POSITIONS` plus its rows times its widest row: one long prompt in a
+    batch of short ones would otherwise pad every row to its width (15 rests of 30 tokens and
+    one of 400: 6,400 positions in one run, 866 in two). A row with one new token never shares
+    a run with longer ones: a one-token run is a decode step, which rounds differently from a
+    chunk (`runtime.speculation`), and a prompt's first answer token must not depend on the
+    prompts it arrived with. With `cached` (each row's cached positions) every row of a run
+    needs its cache plus the run's width within `room` positions of the arena. Ties go to
+    fewer runs. O(rows^2): rows are at most a batch.
+    """
+    count = len(widths)
+    best: list[tuple[int, int, int]] = [(0, 0, 0)]  # (cost, runs, first row of the last run)
+    for stop in range(1, count + 1):
+        width, longest = widths[stop - 1], 0
+        options = []
+        for start in range(stop - 1, -1, -1):
+            longest = max(longest, cached[start] if cached else 0)
+            if start < stop - 1 and ((widths[start] == 1) != (width == 1) or
+                                     (room is not None and longest + width > room)):
+                break  # sorted widths: an earlier start mixes or overflows too
+            cost, runs, _ = best[start]
+            options.append((cost + RUN_COST_POSITIONS + (stop - start) * width, runs + 1,
+                            start))
+        best.append(min(options))
+    runs: list[range] = []
+    stop = count
+    while stop:
+        start = best[stop][2]
+        runs.insert(0, range(start, stop))
+        stop = start
+    return runs
 
 
 class KvArena:
@@ -189,9 +230,9 @@ class SharedKvStepBackend(OrtKvLayout):
                 cache_salts: list[str | None] | None = None) -> tuple[SharedKvState, np.ndarray]:
         """Prefill the prompts into a new arena; rows attend to their own length only.
 
-        Prompts without a cached prefix run as one right-padded batch; each prompt with one
-        gets its cached blocks copied in and runs only the rest, the rests as right-padded
-        batches too (`_warm_runs`). A prompt whose first block an earlier prompt of the same
+        Prompts without a cached prefix run as right-padded batches of similar lengths
+        (`padded_runs`); each prompt with one gets its cached blocks copied in and runs only
+        the rest, the rests batched the same way (`_warm_runs`). A prompt whose first block an earlier prompt of the same
         call starts with waits until that one is cached, so the first chats after a start
         share their system prompt too.
         """
@@ -231,12 +272,15 @@ class SharedKvStepBackend(OrtKvLayout):
                    for i in wave}
         cold = [i for i in wave if not matches[i]]
         warm = [i for i in wave if matches[i]]
-        if cold:
-            lengths = np.array([len(prompts[i]) for i in cold], dtype=np.int64)
-            ids = np.zeros((len(cold), int(lengths.max())), dtype=np.int64)
-            for r, i in enumerate(cold):
+        cold.sort(key=lambda i: len(prompts[i]))
+        for run in padded_runs([len(prompts[i]) for i in cold]):
+            group = cold[run.start:run.stop]
+            lengths = np.array([len(prompts[i]) for i in group], dtype=np.int64)
+            ids = np.zeros((len(group), int(lengths.max())), dtype=np.int64)
+            for r, i in enumerate(group):
                 ids[r, :len(prompts[i])] = prompts[i]
-            logits[cold] = self._run(arena, ids, lengths, (lengths - 1)[:, None], first=row)[:, 0]
+            logits[group] = self._run(arena, ids, lengths, (lengths - 1)[:, None],
+                                      first=row + run.start)[:, 0]
         rest = {i: len(prompts[i]) - sum(b.kv[0].shape[1] for b in matches[i]) for i in warm}
         warm.sort(key=rest.__getitem__)
         first = row + len(cold)
@@ -258,24 +302,14 @@ class SharedKvStepBackend(OrtKvLayout):
         return cold + warm
 
     def _warm_runs(self, rests: list[int], lengths: list[int], room: int) -> list[range]:
-        """Consecutive warm rows (sorted by `rests`, their new tokens) that run together.
-
-        Rows run as one right-padded batch where the graph takes `QUERY_LENGTHS`, except that a
-        row with one new token never shares a run with longer ones: a one-token run is a
-        decode step, which rounds differently from a chunk (`runtime.speculation`), and a
-        prompt's first answer token must not depend on the prompts it arrived with. Every row
-        needs its cached length plus the padded width within the arena's `room` positions.
+        """Consecutive warm rows (sorted by `rests`, their new tokens) that run together
+        (`padded_runs`): where the graph takes `QUERY_LENGTHS`; each alone where it does not.
+        `lengths` are whole prompts: every row needs its cache plus the run's padded width
+        within the arena's `room` positions.
         """
         if not self.query_lengths:
             return [range(i, i + 1) for i in range(len(rests))]
-        runs: list[range] = []
-        start, cached = 0, 0  # the run's first row, and the longest cache in it
-        for i, rest in enumerate(rests):
-            cached = max(cached, lengths[i] - rest)
-            if i > start and ((rests[start] == 1) != (rest == 1) or cached + rest > room):
-                runs.append(range(start, i))
-                start, cached = i, lengths[i] - rest
-        return runs + [range(start, len(rests))] if rests else []
+        return padded_runs(rests, [length - rest for length, rest in zip(lengths, rests)], room)
 
     def retain(self, state: SharedKvState, rows: list[int], tokens: list[list[int]],
                cache_salts: list[str | None]) -> None:

@@ -373,6 +373,21 @@ def render_huge_pages(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def render_prefill_batching(data: dict[str, Any]) -> str:
+    """Bursts of 16 prompts prefilled in runs of similar lengths against one padded run."""
+    lines = _table(["export", "burst", "prompt tokens", "one run", "runs of similar lengths",
+                    "speedup"],
+                   ([row["export"], row["burst"],
+                     f"{row['prompt_tokens'][0]}-{row['prompt_tokens'][1]}",
+                     f"{row['one_run_ms']:.0f} ms", f"{row['served_ms']:.0f} ms",
+                     f"{row['speedup']:.2f}x"] for row in data["rows"]))
+    settings = data["settings"]
+    lines += ["", (f"Both groupings on one backend per export, prefix cache on (the system prompt cached), "
+                   f"{settings['threads']} threads, median of {settings['rounds']} interleaved "
+                   "rounds; speedup > 1: the served grouping (`padded_runs`) is faster.")]
+    return "\n".join(lines)
+
+
 #: every name here has a saved result and a README block (tests/test_benchmark_results.py)
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "export_quality": render_export_quality,
@@ -386,6 +401,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "serve_throughput": render_serve_throughput,
     "matmul_kernels": render_matmul_kernels,
     "huge_pages": render_huge_pages,
+    "prefill_batching": render_prefill_batching,
     "speculation": render_speculation,
 }
 

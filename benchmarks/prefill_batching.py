@@ -8,7 +8,8 @@ system prompt, cached after the first burst, and a question no other prompt repe
 `serve_throughput.py`'s questions, and the same with one of them replaced by a long pasted
 protocol. Each burst is prefilled with the served grouping (`onnx_shared_kv.padded_runs`:
 runs of similar lengths where a run saves more padded positions than it costs) and with the
-baseline, one right-padded run for the whole burst (what the engine did before), rounds
+baseline, one right-padded run for the whole burst (what the engine did before: these bursts
+have no one-token rests and fit the arena, the two cases where it split), rounds
 interleaved (A B B A), 2 threads; speedup = baseline / served median time (> 1: faster).
 """
 

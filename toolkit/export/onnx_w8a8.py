@@ -33,11 +33,10 @@ The lm_head runs W8A8 too: as a weight-only MatMulNBits it was a fifth of a 16-r
 (`LM_HEAD_ALPHA`), and its `LM_HEAD_FP32_CHANNELS` input channels of the widest ranges are
 multiplied in fp32 beside the integer GEMM (LLM.int8's split, Dettmers et al., 2022), so they
 set no row's scale. Its smoothing division stays a Mul, which also zeroes those channels for
-the GEMM. One MatMul stays weight-only
-MatMulNBits int8, as in `onnx-int8`: the attention output projection (`ATTENTION_OPS`'
-outputs: their channels are grouped-query heads, so no constant can carry their smoothing, and
-its Mul and quantizing nodes would cost the single-row step more than its ~9 % of a layer's
-multiply-adds save; see `W8A8_REASON`). The graph keeps the builder's inputs, outputs and
+the GEMM. One MatMul stays weight-only MatMulNBits int8, as in `onnx-int8`: the attention
+output projection (`ATTENTION_OPS`' outputs: their channels are grouped-query heads, so no
+constant can carry their smoothing, and its quantizing nodes cost the single-row step more
+than its ~9 % of a layer's multiply-adds save; see `W8A8_REASON`). The graph keeps the builder's inputs, outputs and
 `genai_config.json`: the engine serves it with the KV cache updated in place, like
 `onnx-int8`. Measured on the demo fine-tune: see `W8A8_REASON`.
 """

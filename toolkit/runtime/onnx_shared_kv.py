@@ -232,9 +232,9 @@ class SharedKvStepBackend(OrtKvLayout):
 
         Prompts without a cached prefix run as right-padded batches of similar lengths
         (`padded_runs`); each prompt with one gets its cached blocks copied in and runs only
-        the rest, the rests batched the same way (`_warm_runs`). A prompt whose first block an earlier prompt of the same
-        call starts with waits until that one is cached, so the first chats after a start
-        share their system prompt too.
+        the rest, the rests batched the same way (`_warm_runs`). A prompt whose first block
+        an earlier prompt of the same call starts with waits until that one is cached, so
+        the first chats after a start share their system prompt too.
         """
         lengths = np.array([len(p) for p in prompts], dtype=np.int64)
         arena = KvArena(self, max(len(prompts), MIN_ROWS), self._length_for(int(lengths.max())))

@@ -37,9 +37,10 @@ log = logging.getLogger("toolkit.serve")
 
 #: batch sizes whose draft-token cost is timed at start (a batch drafts at the cost of the
 #: next size up); larger batches never draft. On onnx-w8a8 one more token per row cost 0.13 /
-#: 0.34 / 0.55 / 0.69 of a step at 1 / 2 / 4 / 8 rows on 16-token dummy prompts, and more at
-#: real contexts (attention grows with width x context): served, 2 clients drafting gained 11 %,
-#: 4 clients lost 6 % (`benchmarks/serve_throughput.py --clients 2 4 8`)
+#: 0.34 / 0.55 / 0.69 of a step at 1 / 2 / 4 / 8 rows on 16-token dummy prompts (0.27 / 0.45 at
+#: 2 / 4 rows with the W8A8 lm_head, less at a 128-token context): served, 2 clients drafting
+#: gained 11 %, 4 clients lost 6 % (`benchmarks/serve_throughput.py --clients 2 4 8`), and
+#: drafting for up to 4 rows lost 6 % at 4 clients again with the W8A8 lm_head
 DRAFT_ROWS = (1, 2)
 
 

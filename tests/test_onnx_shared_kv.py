@@ -217,41 +217,54 @@ def test_batched_rows_join_and_leave_like_solo(gqa_lm, tokenizer):
     check_batched_equals_solo(tokenizer, _backend(gqa_lm), atol=1e-4)
 
 
-def test_random_joins_and_leaves_keep_every_row_exact(gqa_lm, monkeypatch):
-    """Rows join (merge) and leave from the middle (slot moves) at random while the arena
-    grows in rows and positions."""
+@pytest.mark.parametrize("join", ["merge", "prefill_into"])
+def test_random_joins_and_leaves_keep_every_row_exact(gqa_lm, monkeypatch, join):
+    """Rows join (merge, or prefilled straight into the batch's free rows) and leave from the
+    middle (slot moves) at random while the arena grows in rows and positions; once the whole
+    batch leaves and the next arrivals reuse its arena, stale keys and values included."""
     from toolkit.runtime import onnx_shared_kv
 
     monkeypatch.setattr(onnx_shared_kv, "MIN_LENGTH", 4)
-    backend = _backend(gqa_lm, capacity=48)
+    backend, alone = _backend(gqa_lm, capacity=48), _backend(gqa_lm, capacity=48)
     rng = np.random.default_rng(1)
 
     def solo_next(prompt: list[int], fed: list[int]) -> np.ndarray:
-        state, logits = backend.prefill([prompt])
+        state, logits = alone.prefill([prompt])
         for token in fed:
-            state, logits = backend.decode(state, np.array([token]))
+            state, logits = alone.decode(state, np.array([token]))
         return logits[0]
 
     rows: list[tuple[list[int], list[int]]] = []  # (prompt, tokens fed since)
-    state = None
-    for step in range(14):
-        if step in (0, 3, 4, 8):  # arrivals: one to three new prompts
+    state, arenas, sizes = None, set(), set()
+    for step in range(16):
+        if step == 10:  # the whole batch leaves
+            rows, state = [], None
+        if step in (0, 3, 4, 8, 10, 11):  # arrivals: one to three new prompts
             prompts = [rng.integers(4, 500, rng.integers(1, 9)).tolist()
                        for _ in range(int(rng.integers(1, 4)))]
-            new_state, _ = backend.prefill(prompts)
-            state = new_state if state is None else backend.merge(state, new_state)
+            if join == "merge":
+                new_state, _ = backend.prefill(prompts)
+                state = new_state if state is None else backend.merge(state, new_state)
+            else:
+                state, first = backend.prefill_into(state, prompts)
+                for i, prompt in enumerate(prompts):
+                    np.testing.assert_allclose(first[i], solo_next(prompt, []), atol=1e-4)
             rows += [(p, []) for p in prompts]
-        if step in (5, 9, 11) and len(rows) > 1:  # a row in the middle leaves
+        if step in (5, 9, 12) and len(rows) > 1:  # a row in the middle leaves
             keep = [i for i in range(len(rows)) if i != len(rows) // 2]
             state = backend.select(state, keep)
             rows = [rows[i] for i in keep]
         tokens = rng.integers(4, 500, len(rows))
         state, logits = backend.decode(state, tokens)
+        arenas.add(id(state.arena))
+        sizes.add((state.arena.rows, state.arena.length))
         for i, token in enumerate(tokens):
             rows[i][1].append(int(token))
         for i, (prompt, fed) in enumerate(rows):
             np.testing.assert_allclose(logits[i], solo_next(prompt, fed), atol=1e-4)
-    assert state.arena.rows >= 5 and state.arena.length >= 16  # it grew past its first size
+    assert max(r for r, _ in sizes) >= 5 and max(n for _, n in sizes) >= 16  # it grew
+    if join == "prefill_into":  # one arena per growth, none per arrival or per batch
+        assert len(arenas) <= 4 and backend._spare is state.arena
 
 
 def test_capacity_overflow_is_a_clear_error(gqa_lm):

@@ -317,7 +317,7 @@ class BatchScheduler:
                     if not seq.done:
                         seq.done = True
                         seq.emit(RuntimeError(f"generation failed: {type(exc).__name__}: {exc}"))
-                self._active, self._state = [], None
+                self._keep([])
         for seq in self._active + self._pending:
             seq.emit(RuntimeError("the engine stopped"))
         self._active, self._pending, self._state = [], [], None
@@ -345,13 +345,30 @@ class BatchScheduler:
         self._chunks.append(chunk)
 
     def _admit(self, arrived: list[_Sequence]) -> None:
+        """Prefill the arrivals and add to the batch those their first token did not end.
+
+        A backend with `prefill_into` writes them straight into the batch's free rows;
+        otherwise they are prefilled apart and merged.
+        """
+        prompts = [s.prepared.prompt_ids for s in arrived]
+        salts = [s.prepared.request.cache_salt for s in arrived]
+        into = getattr(self.backend, "prefill_into", None)
         started = time.perf_counter()
-        state, logits = self.backend.prefill([s.prepared.prompt_ids for s in arrived],
-                                             [s.prepared.request.cache_salt for s in arrived])
+        if into is not None:
+            state, logits = into(self._state if self._active else None, prompts, salts)
+        else:
+            state, logits = self.backend.prefill(prompts, salts)
         self.stats.prefill_s += time.perf_counter() - started
         self.stats.prefills += 1
         tokens = self._sample_all(arrived, logits)
         keep = [i for i, seq in enumerate(arrived) if not self._accept(seq, int(tokens[i]))]
+        if into is not None:
+            base = len(self._active)
+            self._state, self._active = state, self._active + arrived
+            self._next = np.concatenate([self._next, tokens])
+            if len(keep) < len(arrived):
+                self._keep(list(range(base)) + [base + i for i in keep])
+            return
         if not keep:
             return
         state = self.backend.select(state, keep) if len(keep) < len(arrived) else state

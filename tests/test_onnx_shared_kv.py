@@ -5,6 +5,7 @@ joining and leaving a running batch, cancel, and the gateway serving it."""
 from __future__ import annotations
 
 import concurrent.futures
+import re
 import shutil
 
 import httpx
@@ -265,6 +266,59 @@ def test_random_joins_and_leaves_keep_every_row_exact(gqa_lm, monkeypatch, join)
     assert max(r for r, _ in sizes) >= 5 and max(n for _, n in sizes) >= 16  # it grew
     if join == "prefill_into":  # one arena per growth, none per arrival or per batch
         assert len(arenas) <= 4 and backend._spare is state.arena
+
+
+def test_scheduler_admits_into_a_running_batch_with_solo_answers(gqa_lm):
+    """Requests arriving while another decodes are prefilled into its batch's free rows; one
+    that ends at its first token leaves at once; every answer is its greedy answer alone, and
+    the batch that follows reuses the arena."""
+    import asyncio
+
+    from toolkit.runtime.steps import greedy_generate
+    from toolkit.serve.engines import GenerationRequest, SamplingParams
+    from toolkit.serve.engines.base import PreparedRequest
+    from toolkit.serve.engines.batching import BatchScheduler
+
+    backend = _backend(gqa_lm, capacity=128)
+    scheduler = BatchScheduler(backend, lambda ids: "".join(f"<{i}>" for i in ids),
+                               frozenset(), max_batch=4)
+    prompts = {"long": [5, 6, 7, 8], "one": [9, 10, 11], "mid": [12, 13, 14, 15, 16, 17],
+               "next": [18, 19]}
+    lengths = {"long": 100, "one": 1, "mid": 12, "next": 8}
+
+    async def answer(handle, text: str = "") -> list[int]:
+        while True:
+            chunk = await handle.queue.get()
+            text += chunk.text
+            if chunk.finish_reason is not None:
+                return [int(t) for t in re.findall(r"<(\d+)>", text)]
+
+    def submit(name: str):
+        sampling = SamplingParams(max_tokens=lengths[name], temperature=0.0, ignore_eos=True)
+        return scheduler.submit(PreparedRequest(GenerationRequest(sampling, prompt=name),
+                                                prompts[name], lengths[name]))
+
+    async def scenario() -> dict[str, list[int]]:
+        scheduler.start()
+        first = submit("long")
+        started = (await first.queue.get()).text  # it is decoding now
+        joined = {name: submit(name) for name in ("one", "mid")}
+        got = {name: await answer(handle) for name, handle in joined.items()}
+        got["long"] = await answer(first, started)
+        arena = backend._spare
+        got["next"] = await answer(submit("next"))  # into the empty batch
+        assert backend._spare is arena
+        return got
+
+    try:
+        got = asyncio.run(scenario())
+    finally:
+        scheduler.stop()
+    alone = _backend(gqa_lm, capacity=128)
+    for name, prompt in prompts.items():
+        expected = greedy_generate(alone, prompt, lengths[name], stop_at_eos=False)
+        assert got[name] == expected, name
+    assert scheduler.stats.max_rows == 2  # "mid" decoded beside "long"; "one" left at once
 
 
 def test_capacity_overflow_is_a_clear_error(gqa_lm):

@@ -13,8 +13,10 @@ Runtime commits the whole buffer (measured: 4 rows x 8192 positions = 1.3 GB res
 one prefill), so an arena holds what the batch needs and grows by doubling, rows and positions
 alike, up to the serving context (`capacity`): one copy of the cache per doubling. A row that
 leaves is replaced by the last physical row (one row copied) and the batch keeps a logical ->
-physical slot map, so the scheduler's row order never costs a cache copy. States are consumed: after `decode`, `select` or `merge` use only the state
-returned (they share and mutate the arena, which is the point).
+physical slot map, so the scheduler's row order never costs a cache copy. Arrivals are
+prefilled straight into the batch's free rows (`prefill_into`), and an empty batch's arena
+serves the next one. States are consumed: after `decode`, `select`, `merge` or `prefill_into`
+use only the state returned (they share and mutate the arena, which is the point).
 
 With a `PrefixCache` (serving), `prefill` copies the cached blocks a prompt starts with into its
 row and runs only the rest, and `retain` caches a finished row's prompt and answer for the

@@ -19,7 +19,12 @@ TOP_P_CANDIDATES = 512
 
 
 class StepBackend(Protocol):
-    """The tensor side of batched decoding; states are opaque to the scheduler."""
+    """The tensor side of batched decoding; states are opaque to the scheduler.
+
+    A backend may also offer `prefill_into(state, prompts, cache_salts)`: `merge(state,
+    prefill(prompts))` in one call, for a caller whose `state` (or None) is the backend's only
+    one in use, so the prompts can go straight into its free cache rows (`onnx_shared_kv`).
+    """
 
     #: False when states of different lengths cannot be merged (then requests are batched in
     #: waves: those arriving while a batch runs wait until it ends)

@@ -15,7 +15,7 @@ alike, up to the serving context (`capacity`): one copy of the cache per doublin
 leaves is replaced by the last physical row (one row copied) and the batch keeps a logical ->
 physical slot map, so the scheduler's row order never costs a cache copy. Arrivals are
 prefilled straight into the batch's free rows (`prefill_into`), and an empty batch's arena
-serves the next one. States are consumed: after `decode`, `select`, `merge` or `prefill_into`
+serves the next one unless it grew past twice the positions that one needs. States are consumed: after `decode`, `select`, `merge` or `prefill_into`
 use only the state returned (they share and mutate the arena, which is the point).
 
 With a `PrefixCache` (serving), `prefill` copies the cached blocks a prompt starts with into its
@@ -253,14 +253,19 @@ class SharedKvStepBackend(OrtKvLayout):
 
         The caller promises that `state` is the only state of this backend in use (None: none
         is), as the continuous-batching scheduler's one batch is; so an empty batch reuses the
-        arena of the last one. At 16 clients a new arena per arrival (4 rows x 256 positions,
-        47 MB zeroed for SmolLM2) and the copy of its rows into the batch's took ~15 % of the
-        decode thread, and their allocations broke ONNX Runtime's cached IO bindings.
+        arena of the last one, unless that one grew past twice the positions these prompts
+        need (a burst of long answers does not keep its memory once short chats follow). At
+        16 clients a new arena per arrival (4 rows x 256 positions, 47 MB zeroed for SmolLM2),
+        its IO bindings built anew and the copy of its rows into the batch's took ~15 % of the
+        decode thread.
         """
         longest = max(len(p) for p in prompts)
         if state is None:
-            state = self._empty(self._spare or KvArena(self, max(len(prompts), MIN_ROWS),
-                                                       self._length_for(longest)))
+            length = self._length_for(longest)
+            spare = self._spare
+            if spare is None or spare.length > 2 * length:
+                spare = KvArena(self, max(len(prompts), MIN_ROWS), length)
+            state = self._empty(spare)
         longest = max(longest, int(state.lengths.max(initial=0)))
         self._spare = state.arena
         state = SharedKvState(self._fit(state, len(state) + len(prompts), longest),

@@ -15,8 +15,9 @@ alike, up to the serving context (`capacity`): one copy of the cache per doublin
 leaves is replaced by the last physical row (one row copied) and the batch keeps a logical ->
 physical slot map, so the scheduler's row order never costs a cache copy. Arrivals are
 prefilled straight into the batch's free rows (`prefill_into`), and an empty batch's arena
-serves the next one unless it grew past twice the positions that one needs. States are consumed: after `decode`, `select`, `merge` or `prefill_into`
-use only the state returned (they share and mutate the arena, which is the point).
+serves the next one unless it grew past twice the positions that one needs. States are
+consumed: after `decode`, `select`, `merge` or `prefill_into` use only the state returned (they
+share and mutate the arena, which is the point).
 
 With a `PrefixCache` (serving), `prefill` copies the cached blocks a prompt starts with into its
 row and runs only the rest, and `retain` caches a finished row's prompt and answer for the
@@ -266,9 +267,9 @@ class SharedKvStepBackend(OrtKvLayout):
             if spare is None or spare.length > 2 * length:
                 spare = KvArena(self, max(len(prompts), MIN_ROWS), length)
             state = self._empty(spare)
-        longest = max(longest, int(state.lengths.max(initial=0)))
         self._spare = state.arena
-        state = SharedKvState(self._fit(state, len(state) + len(prompts), longest),
+        needed = max(longest, int(state.lengths.max(initial=0)))
+        state = SharedKvState(self._fit(state, len(state) + len(prompts), needed),
                               state.slots, state.lengths)
         return self._fill(state, prompts, cache_salts)
 

@@ -345,40 +345,30 @@ class BatchScheduler:
         self._chunks.append(chunk)
 
     def _admit(self, arrived: list[_Sequence]) -> None:
-        """Prefill the arrivals and add to the batch those their first token did not end.
-
-        A backend with `prefill_into` writes them straight into the batch's free rows;
-        otherwise they are prefilled apart and merged.
-        """
-        prompts = [s.prepared.prompt_ids for s in arrived]
-        salts = [s.prepared.request.cache_salt for s in arrived]
-        into = getattr(self.backend, "prefill_into", None)
+        """Prefill the arrivals into the batch, then drop those their first token ended."""
+        base = len(self._active)
         started = time.perf_counter()
-        if into is not None:
-            state, logits = into(self._state if self._active else None, prompts, salts)
-        else:
-            state, logits = self.backend.prefill(prompts, salts)
+        self._state, logits = self._prefill_into([s.prepared.prompt_ids for s in arrived],
+                                                 [s.prepared.request.cache_salt for s in arrived])
         self.stats.prefill_s += time.perf_counter() - started
         self.stats.prefills += 1
         tokens = self._sample_all(arrived, logits)
         keep = [i for i, seq in enumerate(arrived) if not self._accept(seq, int(tokens[i]))]
+        self._active = self._active + arrived
+        self._next = np.concatenate([self._next, tokens])
+        if len(keep) < len(arrived):
+            self._keep(list(range(base)) + [base + i for i in keep])
+
+    def _prefill_into(self, prompts: list[list[int]],
+                      salts: list[str | None]) -> tuple[Any, np.ndarray]:
+        """The batch with the prompts' rows after its own, and their logits: straight into its
+        free rows where the backend can (`prefill_into`), else prefilled apart and merged."""
+        batch = self._state if self._active else None
+        into = getattr(self.backend, "prefill_into", None)
         if into is not None:
-            base = len(self._active)
-            self._state, self._active = state, self._active + arrived
-            self._next = np.concatenate([self._next, tokens])
-            if len(keep) < len(arrived):
-                self._keep(list(range(base)) + [base + i for i in keep])
-            return
-        if not keep:
-            return
-        state = self.backend.select(state, keep) if len(keep) < len(arrived) else state
-        new = [arrived[i] for i in keep]
-        if self._state is None or not self._active:
-            self._state, self._active, self._next = state, new, tokens[keep]
-        else:
-            self._state = self.backend.merge(self._state, state)
-            self._active = self._active + new
-            self._next = np.concatenate([self._next, tokens[keep]])
+            return into(batch, prompts, salts)
+        state, logits = self.backend.prefill(prompts, salts)
+        return (state if batch is None else self.backend.merge(batch, state)), logits
 
     def _step(self) -> None:
         drafts: list[np.ndarray] = []

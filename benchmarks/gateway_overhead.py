@@ -8,11 +8,15 @@ the same requests as streamed chat completions over HTTP, so the difference is w
 gateway adds: body parsing and validation, chat templating and tokenization, admission,
 SSE encoding, metrics and the completion record, plus the HTTP client here. Both sides
 produce exactly `--max-tokens` greedy tokens per answer (ignore_eos); passes interleave
-A B B A at every client count. Overhead = 1 - gateway tok/s / direct tok/s; target < 5 %.
+A B B A, `--blocks` times at every client count. Overhead = 1 - gateway tok/s / direct tok/s
+over all passes; target < 5 %. Each block's own overhead is kept too: their spread is the
+machine's drift, against which a few percent cannot be told apart.
 Each row also carries the engine's batching counters on both sides (rows per decode step,
 prefill calls and their time, decode step time; the gateway's from its `/ready`), which tell
 a slower engine step (CPU taken by the server's event loop) from a different batching (HTTP
-arrivals a few ms apart split one prefill into two).
+arrivals a few ms apart split one prefill into two), and CPU time per request from /proc:
+the direct process, the server process, the server's event-loop thread alone (the gateway's
+own work, a share of the direct side's CPU that drift does not move) and the HTTP client.
 `--save` writes benchmarks/results/gateway_overhead.json and re-renders the README block.
 """
 
@@ -101,7 +105,46 @@ def build_engine(export: Path, threads: int, max_concurrency: int, **options: An
     return build(settings, served, choice)
 
 
-async def measure(engine: Any, url: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+def _cpu_s(pid: int, tid: int | None = None) -> float:
+    """User + system CPU seconds of process `pid` (all its threads), or of its thread `tid`."""
+    stat = Path(f"/proc/{pid}" + (f"/task/{tid}" if tid else "") + "/stat").read_text()
+    fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_meters(server_pid: int) -> dict[str, Any]:
+    """Per side, the CPU clocks read around each pass (Linux /proc).
+
+    direct: this process (the engine and its in-process consumer). gateway: the server
+    process, its event-loop thread (the main thread: HTTP, validation, SSE, metrics) and this
+    process (the HTTP client; the direct engine idles meanwhile).
+    """
+    return {
+        "direct": lambda: {"cpu": time.process_time()},
+        "gateway": lambda: {"cpu": _cpu_s(server_pid), "loop": _cpu_s(server_pid, server_pid),
+                            "client": time.process_time()},
+    }
+
+
+def cpu_summary(cpu: dict[str, dict[str, float]], requests: int) -> dict[str, float]:
+    """CPU milliseconds per request by side, and the event loop's share of the engine's CPU
+    (the gateway's own work, which the tok/s overhead mixes with contention for the cores)."""
+    per = {f"{side}_{clock}": 1000 * seconds / requests
+           for side, clocks in cpu.items() for clock, seconds in clocks.items()}
+    return {"direct_cpu_ms_per_request": round(per["direct_cpu"], 1),
+            "gateway_cpu_ms_per_request": round(per["gateway_cpu"], 1),
+            "gateway_loop_ms_per_request": round(per["gateway_loop"], 1),
+            "client_cpu_ms_per_request": round(per["gateway_client"], 1),
+            "loop_cpu_pct": round(100 * per["gateway_loop"] / per["direct_cpu"], 1)}
+
+
+def overhead_pct(direct_rate: float, gateway_rate: float) -> float:
+    """1 - gateway / direct tok/s, in percent."""
+    return round(100 * (1 - gateway_rate / direct_rate), 1)
+
+
+async def measure(engine: Any, url: str, server_pid: int,
+                  args: argparse.Namespace) -> list[dict[str, Any]]:
     from toolkit.serve.engines import GenerationRequest, SamplingParams
 
     prepared = {}
@@ -119,44 +162,59 @@ async def measure(engine: Any, url: str, args: argparse.Namespace) -> list[dict[
             "direct": lambda: _direct_counters(engine),
             "gateway": lambda: _gateway_counters(client, url),
         }
+        meters = cpu_meters(server_pid)
         for send in sides.values():  # warm-up
             await run_pass(send, 2, 1)
         rows = []
         for clients in args.clients:
-            walls = dict.fromkeys(sides, 0.0)
-            samples: dict[str, list[Sample]] = {side: [] for side in sides}
+            walls = {side: [0.0] * args.blocks for side in sides}
+            samples: dict[str, list[list[Sample]]] = {
+                side: [[] for _ in range(args.blocks)] for side in sides}
             batching = {side: dict.fromkeys(BATCH_COUNTERS, 0) for side in sides}
-            for side in ("direct", "gateway", "gateway", "direct"):
-                before = await counters[side]()
-                wall, got = await run_pass(sides[side], clients, args.rounds)
-                after = await counters[side]()
-                walls[side] += wall
-                samples[side] += got
-                for key in BATCH_COUNTERS:
-                    batching[side][key] += after[key] - before[key]
-            rate = {side: sum(s.tokens for s in samples[side]) / walls[side] for side in sides}
-            lengths = {s.tokens for side in sides for s in samples[side]}
+            cpu = {side: dict.fromkeys(meters[side](), 0.0) for side in sides}
+            for block in range(args.blocks):
+                for side in ("direct", "gateway", "gateway", "direct"):
+                    before, clocks = await counters[side](), meters[side]()
+                    wall, got = await run_pass(sides[side], clients, args.rounds)
+                    for clock, value in meters[side]().items():
+                        cpu[side][clock] += value - clocks[clock]
+                    after = await counters[side]()
+                    walls[side][block] += wall
+                    samples[side][block] += got
+                    for key in BATCH_COUNTERS:
+                        batching[side][key] += after[key] - before[key]
+            every = {side: [s for block in samples[side] for s in block] for side in sides}
+            rate = {side: sum(s.tokens for s in every[side]) / sum(walls[side]) for side in sides}
+            by_block = [overhead_pct(*(sum(s.tokens for s in samples[side][block])
+                                       / walls[side][block] for side in sides))
+                        for block in range(args.blocks)]
+            lengths = {s.tokens for side in sides for s in every[side]}
             row = {
                 "engine": engine.info.engine, "clients": clients,
                 "direct_tokens_per_s": round(rate["direct"], 1),
                 "gateway_tokens_per_s": round(rate["gateway"], 1),
-                "overhead_pct": round(100 * (1 - rate["gateway"] / rate["direct"]), 1),
+                "overhead_pct": overhead_pct(rate["direct"], rate["gateway"]),
+                "overhead_by_block_pct": by_block,
                 "direct_latency_p50_s": round(statistics.median(
-                    s.latency_s for s in samples["direct"]), 3),
+                    s.latency_s for s in every["direct"]), 3),
                 "gateway_latency_p50_s": round(statistics.median(
-                    s.latency_s for s in samples["gateway"]), 3),
+                    s.latency_s for s in every["gateway"]), 3),
                 "answer_tokens": sorted(lengths),
                 **{f"{side}_{key}": value for side in sides
-                   for key, value in batching_summary(batching[side], walls[side]).items()},
+                   for key, value in batching_summary(batching[side], sum(walls[side])).items()},
+                **cpu_summary(cpu, len(every["gateway"])),
             }
             print(f"  c={clients:<3} direct {row['direct_tokens_per_s']:7.1f} tok/s  gateway "
                   f"{row['gateway_tokens_per_s']:7.1f} tok/s  overhead {row['overhead_pct']:+.1f} %"
-                  f"  tokens/answer {row['answer_tokens']}  rows/step {row['direct_rows_per_step']} vs "
-                  f"{row['gateway_rows_per_step']}  prefills {row['direct_prefills']} vs "
-                  f"{row['gateway_prefills']} ({row['direct_prefill_s']} vs "
-                  f"{row['gateway_prefill_s']} s)  step {row['direct_step_ms']} vs "
-                  f"{row['gateway_step_ms']} ms  engine busy {row['direct_busy_pct']} vs "
-                  f"{row['gateway_busy_pct']} %", flush=True)
+                  f" (blocks {by_block})  tokens/answer {row['answer_tokens']}  rows/step "
+                  f"{row['direct_rows_per_step']} vs {row['gateway_rows_per_step']}  prefills "
+                  f"{row['direct_prefills']} vs {row['gateway_prefills']} "
+                  f"({row['direct_prefill_s']} vs {row['gateway_prefill_s']} s)  step "
+                  f"{row['direct_step_ms']} vs {row['gateway_step_ms']} ms  CPU ms/request: "
+                  f"direct {row['direct_cpu_ms_per_request']}, server "
+                  f"{row['gateway_cpu_ms_per_request']} (event loop "
+                  f"{row['gateway_loop_ms_per_request']}, {row['loop_cpu_pct']} % of direct), "
+                  f"client {row['client_cpu_ms_per_request']}", flush=True)
             rows.append(row)
         return rows
 
@@ -175,7 +233,8 @@ async def run_export(export: Path, args: argparse.Namespace) -> list[dict[str, A
         await engine.start()
         url = f"http://127.0.0.1:{port}"
         await asyncio.to_thread(wait_ready, url, proc, 600, "/ready")
-        return [{"export": export.name, **row} for row in await measure(engine, url, args)]
+        return [{"export": export.name, **row}
+                for row in await measure(engine, url, proc.pid, args)]
     finally:
         stop(proc)
         await engine.stop()
@@ -197,6 +256,9 @@ def main(argv: list[str] | None = None) -> None:
         REPO / "runs" / "demo" / "exports" / name for name in ("onnx-int8", "onnx-w8a8")])
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--rounds", type=int, default=4, help="requests per client per pass")
+    parser.add_argument("--blocks", type=int, default=3,
+                        help="A B B A blocks per client count (the overhead's spread across them "
+                        "shows the machine's drift)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2, help="engine threads, both sides")
     parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "bench-overhead")
@@ -210,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.threads} engine threads; clients {args.clients}", flush=True)
     rows = run_client(run(args))
     settings = {"exports": [str(p) for p in args.export], "threads": args.threads, "max_tokens": args.max_tokens,
-                "rounds": args.rounds, "clients": args.clients}
+                "rounds": args.rounds, "blocks": args.blocks, "clients": args.clients}
     print()
     print(render_gateway_overhead({"settings": settings, "rows": rows}))
     if args.save:

@@ -321,22 +321,30 @@ def render_speculation(data: dict[str, Any]) -> str:
 
 
 def render_gateway_overhead(data: dict[str, Any]) -> str:
-    """The same engine through the HTTP gateway vs called in-process: tok/s, overhead, batching."""
-    lines = [("| export | clients | direct tok/s | gateway tok/s | overhead | p50 s direct / "
-              "gateway | rows per step | prefills |"), "|---|---|---|---|---|---|---|---|"]
+    """The same engine through the HTTP gateway vs called in-process: tok/s, overhead (with its
+    spread over the interleaved blocks), batching, and the gateway's own CPU."""
+    lines = [("| export | clients | direct tok/s | gateway tok/s | overhead (blocks) | p50 s direct "
+              "/ gateway | rows per step | prefills | event loop CPU per request |"),
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in data["rows"]:
+        blocks = row["overhead_by_block_pct"]
         lines.append(
             f"| {row['export']} | {row['clients']} | {row['direct_tokens_per_s']:.1f} | "
-            f"{row['gateway_tokens_per_s']:.1f} | {_pct(row['overhead_pct'])} | "
+            f"{row['gateway_tokens_per_s']:.1f} | {_pct(row['overhead_pct'])} "
+            f"({min(blocks):+.1f}..{max(blocks):+.1f}) | "
             f"{row['direct_latency_p50_s']:.2f} / {row['gateway_latency_p50_s']:.2f} | "
             f"{row['direct_rows_per_step']} / {row['gateway_rows_per_step']} | "
-            f"{row['direct_prefills']} / {row['gateway_prefills']} |")
+            f"{row['direct_prefills']} / {row['gateway_prefills']} | "
+            f"{row['gateway_loop_ms_per_request']:.1f} ms, {row['loop_cpu_pct']:.1f} % of "
+            f"direct's {row['direct_cpu_ms_per_request']:.0f} |")
     settings = data["settings"]
     lines += ["", (f"{settings['threads']} engine threads, {settings['rounds']} requests per "
                    f"client per pass, {settings['max_tokens']}-token greedy answers (ignore_eos), "
-                   "streamed; overhead = 1 - gateway / direct tok/s, passes interleaved A B B A; "
+                   "streamed; overhead = 1 - gateway / direct tok/s over all passes, interleaved "
+                   f"A B B A x {settings['blocks']} blocks (range: the blocks' own overheads); "
                    "target < 5 %. Rows per step and prefills: the engine's counters, direct / "
-                   "gateway.")]
+                   "gateway. Event loop CPU: the server's main thread (HTTP, validation, SSE, "
+                   "metrics) per request, against the direct process's CPU per request.")]
     return "\n".join(lines)
 
 

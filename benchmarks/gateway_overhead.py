@@ -6,9 +6,11 @@
 in this process; "gateway" runs `toolkit serve EXPORT` (same engine, same threads) and sends
 the same requests as streamed chat completions over HTTP, so the difference is what the
 gateway adds: body parsing and validation, chat templating and tokenization, admission,
-SSE encoding, metrics and the completion record, plus the HTTP client here. Both sides
-produce exactly `--max-tokens` greedy tokens per answer (ignore_eos); passes interleave
-A B B A, `--blocks` times at every client count. Overhead = 1 - gateway tok/s / direct tok/s
+SSE encoding, metrics and the completion record, plus the HTTP client here. The requests
+are serve_throughput's: its system prompt, then a numbered question that never repeats, so
+prefills cost what real traffic's do. Both sides produce exactly `--max-tokens` greedy
+tokens per answer (ignore_eos); passes interleave A B B A, `--blocks` times at every client
+count, the two sides' mirrored passes asking the same questions. Overhead = 1 - gateway tok/s / direct tok/s
 over all passes; target < 5 %. Each block's own overhead is kept too: their spread is the
 machine's drift, against which a few percent cannot be told apart.
 Each row also carries the engine's batching counters on both sides (rows per decode step,
@@ -37,7 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_throughput import (  # the benchmarks folder is not a package
     PROMPTS,
     REPO,
+    SYSTEM_PROMPT,
     Sample,
+    chat_messages,
     free_port,
     one_request,
     run_client,
@@ -81,13 +85,26 @@ async def _gateway_counters(client: httpx.AsyncClient, url: str) -> dict[str, in
     return (await client.get(f"{url}/ready")).json()
 
 
-async def run_pass(send: Any, clients: int, per_client: int) -> tuple[float, list[Sample]]:
-    """`clients` concurrent clients, each sending `per_client` requests back to back."""
-    async def worker(index: int) -> list[Sample]:
-        return [await send(PROMPTS[(index + k) % len(PROMPTS)]) for k in range(per_client)]
+def pass_messages(clients: int, per_client: int, offset: int) -> list[list[list[dict[str, str]]]]:
+    """Each client's requests in pass `offset`: serve_throughput's system prompt and questions,
+    numbered (six digits, equal token counts) so that none repeats within a run. A repeated
+    prompt would come whole from the prefix cache and its prefill would cost nothing, which
+    real traffic does not get (prefill was a fifth of serve_throughput's 16-client passes)."""
+    if not 0 <= offset < 100 or clients > 100 or per_client > 100:
+        raise ValueError("pass numbers must stay six digits: offset < 100, at most 100 "
+                         "clients and 100 requests per client")
+    return [[chat_messages(SYSTEM_PROMPT, PROMPTS[(offset + index + k) % len(PROMPTS)],
+                           (offset * 100 + index) * 100 + k) for k in range(per_client)]
+            for index in range(clients)]
+
+
+async def run_pass(send: Any, requests: list[list[Any]]) -> tuple[float, list[Sample]]:
+    """One client per item of `requests`, all at once, each sending its requests back to back."""
+    async def worker(mine: list[Any]) -> list[Sample]:
+        return [await send(request) for request in mine]
 
     started = time.perf_counter()
-    done = await asyncio.gather(*(worker(i) for i in range(clients)))
+    done = await asyncio.gather(*(worker(mine) for mine in requests))
     return time.perf_counter() - started, [s for samples in done for s in samples]
 
 
@@ -147,24 +164,30 @@ async def measure(engine: Any, url: str, server_pid: int,
                   args: argparse.Namespace) -> list[dict[str, Any]]:
     from toolkit.serve.engines import GenerationRequest, SamplingParams
 
-    prepared = {}
-    for prompt in PROMPTS:  # tokenized once, outside the timed region: that is the gateway's job
-        sampling = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
-        prepared[prompt] = engine.prepare(GenerationRequest(
-            sampling, messages=[{"role": "user", "content": prompt}]))
+    sampling = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
+
+    def requests(side: str, clients: int, per_client: int, offset: int) -> list[list[Any]]:
+        """The pass's messages; for the direct side tokenized here, outside the timed region
+        (that is the gateway's job)."""
+        messages = pass_messages(clients, per_client, offset)
+        if side == "gateway":
+            return messages
+        return [[engine.prepare(GenerationRequest(sampling, messages=m)) for m in mine]
+                for mine in messages]
+
     async with httpx.AsyncClient(timeout=60) as client:  # for /ready's counters only
         sides = {
-            "direct": lambda prompt: direct_request(engine, prepared[prompt]),
-            "gateway": lambda prompt: one_request(url, [{"role": "user", "content": prompt}],
-                                                  args.max_tokens),
+            "direct": lambda prepared: direct_request(engine, prepared),
+            "gateway": lambda messages: one_request(url, messages, args.max_tokens),
         }
         counters = {
             "direct": lambda: _direct_counters(engine),
             "gateway": lambda: _gateway_counters(client, url),
         }
         meters = cpu_meters(server_pid)
-        for send in sides.values():  # warm-up
-            await run_pass(send, 2, 1)
+        for side, send in sides.items():  # warm-up
+            await run_pass(send, requests(side, 2, 1, 0))
+        offset = 0
         rows = []
         for clients in args.clients:
             walls = {side: [0.0] * args.blocks for side in sides}
@@ -173,9 +196,11 @@ async def measure(engine: Any, url: str, server_pid: int,
             batching = {side: dict.fromkeys(BATCH_COUNTERS, 0) for side in sides}
             cpu = {side: dict.fromkeys(meters[side](), 0.0) for side in sides}
             for block in range(args.blocks):
-                for side in ("direct", "gateway", "gateway", "direct"):
+                # the two sides' passes in mirrored positions ask the same questions
+                for side, pair in (("direct", 1), ("gateway", 1), ("gateway", 2), ("direct", 2)):
+                    work = requests(side, clients, args.rounds, offset + pair)
                     before, clocks = await counters[side](), meters[side]()
-                    wall, got = await run_pass(sides[side], clients, args.rounds)
+                    wall, got = await run_pass(sides[side], work)
                     for clock, value in meters[side]().items():
                         cpu[side][clock] += value - clocks[clock]
                     after = await counters[side]()
@@ -183,6 +208,7 @@ async def measure(engine: Any, url: str, server_pid: int,
                     samples[side][block] += got
                     for key in BATCH_COUNTERS:
                         batching[side][key] += after[key] - before[key]
+                offset += 2
             every = {side: [s for block in samples[side] for s in block] for side in sides}
             rate = {side: sum(s.tokens for s in every[side]) / sum(walls[side]) for side in sides}
             by_block = [overhead_pct(*(sum(s.tokens for s in samples[side][block])

@@ -340,7 +340,8 @@ def render_gateway_overhead(data: dict[str, Any]) -> str:
     settings = data["settings"]
     lines += ["", (f"{settings['threads']} engine threads, {settings['rounds']} requests per "
                    f"client per pass, {settings['max_tokens']}-token greedy answers (ignore_eos), "
-                   "streamed; overhead = 1 - gateway / direct tok/s over all passes, interleaved "
+                   "streamed, serve_throughput's system prompt and never-repeated questions; overhead "
+                   "= 1 - gateway / direct tok/s over all passes, interleaved "
                    f"A B B A x {settings['blocks']} blocks (range: the blocks' own overheads); "
                    "target < 5 %. Rows per step and prefills: the engine's counters, direct / "
                    "gateway. Event loop CPU: the server's main thread (HTTP, validation, SSE, "

@@ -10,8 +10,8 @@ SSE encoding, metrics and the completion record, plus the HTTP client here. The 
 are serve_throughput's: its system prompt, then a numbered question that never repeats, so
 prefills cost what real traffic's do. Both sides produce exactly `--max-tokens` greedy
 tokens per answer (ignore_eos); passes interleave A B B A, `--blocks` times at every client
-count, the two sides' mirrored passes asking the same questions. Overhead = 1 - gateway tok/s / direct tok/s
-over all passes; target < 5 %. Each block's own overhead is kept too: their spread is the
+count, the two sides' mirrored passes asking the same questions. Overhead = 1 - gateway
+tok/s / direct tok/s over all passes; target < 5 %. Each block's own overhead is kept too: their spread is the
 machine's drift, against which a few percent cannot be told apart.
 Each row also carries the engine's batching counters on both sides (rows per decode step,
 prefill calls and their time, decode step time; the gateway's from its `/ready`), which tell

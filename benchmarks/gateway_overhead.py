@@ -30,6 +30,7 @@ import os
 import statistics
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +38,15 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_throughput import (  # the benchmarks folder is not a package
-    PROMPTS,
     REPO,
     SYSTEM_PROMPT,
+    WARM_UP_OFFSET,
     Sample,
-    chat_messages,
     free_port,
     one_request,
+    pass_messages,
     run_client,
+    run_requests,
     start,
     stop,
     wait_ready,
@@ -83,29 +85,6 @@ async def _direct_counters(engine: Any) -> dict[str, int]:
 async def _gateway_counters(client: httpx.AsyncClient, url: str) -> dict[str, int]:
     """The served engine's batching counters, from its `/ready` answer."""
     return (await client.get(f"{url}/ready")).json()
-
-
-def pass_messages(clients: int, per_client: int, offset: int) -> list[list[list[dict[str, str]]]]:
-    """Each client's requests in pass `offset`: serve_throughput's system prompt and questions,
-    numbered (six digits, equal token counts) so that none repeats within a run. A repeated
-    prompt would come whole from the prefix cache and its prefill would cost nothing, which
-    real traffic does not get (prefill was a fifth of serve_throughput's 16-client passes)."""
-    if not 0 <= offset < 100 or clients > 100 or per_client > 100:
-        raise ValueError("pass numbers must stay six digits: offset < 100, at most 100 "
-                         "clients and 100 requests per client")
-    return [[chat_messages(SYSTEM_PROMPT, PROMPTS[(offset + index + k) % len(PROMPTS)],
-                           (offset * 100 + index) * 100 + k) for k in range(per_client)]
-            for index in range(clients)]
-
-
-async def run_pass(send: Any, requests: list[list[Any]]) -> tuple[float, list[Sample]]:
-    """One client per item of `requests`, all at once, each sending its requests back to back."""
-    async def worker(mine: list[Any]) -> list[Sample]:
-        return [await send(request) for request in mine]
-
-    started = time.perf_counter()
-    done = await asyncio.gather(*(worker(mine) for mine in requests))
-    return time.perf_counter() - started, [s for samples in done for s in samples]
 
 
 def build_engine(export: Path, threads: int, max_concurrency: int, **options: Any) -> Any:
@@ -169,7 +148,7 @@ async def measure(engine: Any, url: str, server_pid: int,
     def requests(side: str, clients: int, per_client: int, offset: int) -> list[list[Any]]:
         """The pass's messages; for the direct side tokenized here, outside the timed region
         (that is the gateway's job)."""
-        messages = pass_messages(clients, per_client, offset)
+        messages = pass_messages(SYSTEM_PROMPT, clients, per_client, offset)
         if side == "gateway":
             return messages
         return [[engine.prepare(GenerationRequest(sampling, messages=m)) for m in mine]
@@ -186,7 +165,7 @@ async def measure(engine: Any, url: str, server_pid: int,
         }
         meters = cpu_meters(server_pid)
         for side, send in sides.items():  # warm-up
-            await run_pass(send, requests(side, 2, 1, 0))
+            await run_requests(send, requests(side, 2, 1, WARM_UP_OFFSET))
         offset = 0
         rows = []
         for clients in args.clients:
@@ -194,13 +173,13 @@ async def measure(engine: Any, url: str, server_pid: int,
             samples: dict[str, list[list[Sample]]] = {
                 side: [[] for _ in range(args.blocks)] for side in sides}
             batching = {side: dict.fromkeys(BATCH_COUNTERS, 0) for side in sides}
-            cpu = {side: dict.fromkeys(meters[side](), 0.0) for side in sides}
+            cpu: dict[str, dict[str, float]] = {side: defaultdict(float) for side in sides}
             for block in range(args.blocks):
                 # the two sides' passes in mirrored positions ask the same questions
                 for side, pair in (("direct", 1), ("gateway", 1), ("gateway", 2), ("direct", 2)):
                     work = requests(side, clients, args.rounds, offset + pair)
                     before, clocks = await counters[side](), meters[side]()
-                    wall, got = await run_pass(sides[side], work)
+                    wall, got = await run_requests(sides[side], work)
                     for clock, value in meters[side]().items():
                         cpu[side][clock] += value - clocks[clock]
                     after = await counters[side]()

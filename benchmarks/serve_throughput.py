@@ -200,24 +200,43 @@ def stream_usage(tail: bytes) -> int | None:
     return None
 
 
-async def run_pass(url: str, clients: int, per_client: int, max_tokens: int,
-                   offset: int, args: argparse.Namespace) -> tuple[float, list[Sample]]:
-    """`clients` concurrent clients, each sending `per_client` requests back to back.
+#: the pass offset of the warm-up's questions (measured passes count up from 0)
+WARM_UP_OFFSET = 99
 
-    Request k of client i in pass `offset` asks question number (offset, i, k), written in
-    six digits (equal token counts): unique within a server's run, and the same questions for
-    every server at the same pass offset.
-    """
-    async def worker(index: int) -> list[Sample]:
-        return [await one_request(
-            url, chat_messages(args.system_prompt, PROMPTS[(offset + index + k) % len(PROMPTS)],
-                               (offset * 1000 + index) * 100 + k),
-            max_tokens, cache_prompt=args.prompt_cache == "on")
-            for k in range(per_client)]
+
+def pass_messages(system: str | None, clients: int, per_client: int,
+                  offset: int) -> list[list[list[dict[str, str]]]]:
+    """Each client's requests in pass `offset`: request k of client i asks question number
+    (offset, i, k), written in six digits (equal token counts). Unique within a server's run,
+    so no prompt comes whole from a prefix cache, and the same questions for every server at
+    the same pass offset."""
+    if not 0 <= offset < 100 or clients > 100 or per_client > 100:
+        raise ValueError("question numbers must stay six digits: pass offset < 100, at most "
+                         "100 clients and 100 requests per client")
+    return [[chat_messages(system, PROMPTS[(offset + index + k) % len(PROMPTS)],
+                           (offset * 100 + index) * 100 + k) for k in range(per_client)]
+            for index in range(clients)]
+
+
+async def run_requests(send: Any, requests: list[list[Any]]) -> tuple[float, list[Sample]]:
+    """One client per item of `requests`, all at once, each sending its requests back to back
+    through `send`; the wall time and every sample."""
+    async def worker(mine: list[Any]) -> list[Sample]:
+        return [await send(request) for request in mine]
 
     started = time.perf_counter()
-    done = await asyncio.gather(*(worker(i) for i in range(clients)))
+    done = await asyncio.gather(*(worker(mine) for mine in requests))
     return time.perf_counter() - started, [s for samples in done for s in samples]
+
+
+async def run_pass(url: str, clients: int, per_client: int, max_tokens: int,
+                   offset: int, args: argparse.Namespace) -> tuple[float, list[Sample]]:
+    """`clients` concurrent clients, each sending `per_client` requests (`pass_messages`)
+    back to back."""
+    return await run_requests(
+        lambda messages: one_request(url, messages, max_tokens,
+                                     cache_prompt=args.prompt_cache == "on"),
+        pass_messages(args.system_prompt, clients, per_client, offset))
 
 
 def run_client(work: Any) -> Any:
@@ -332,8 +351,9 @@ def draft_counters(setup: Setup) -> tuple[int, int]:
 
 def measure(setups: list[Setup], args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every setup at every level, in passes A B C .. C B A so drift hits all alike."""
-    for setup in setups:  # warm-up: first requests load kernels and caches
-        run_client(run_pass(setup.url, 2, 1, 8, 0, args))
+    for setup in setups:  # warm-up: first requests load kernels and caches (questions of a
+        # pass offset no measured pass uses, or the first pass's would come from the cache)
+        run_client(run_pass(setup.url, 2, 1, 8, WARM_UP_OFFSET, args))
     rows = []
     for level, clients in enumerate(args.clients):
         tallies = {setup.name: Tally() for setup in setups}

@@ -5,7 +5,8 @@ q/k/v, o_proj, gate, up, down) built as a plain fp32 `MatMul` graph (MLAS SGEMM:
 as `MatMulNBits` graphs the way the `onnx-int8` and `onnx-int4` exports are quantized
 (blocks, asymmetric, accuracy level 4 = int8 activation blocks) and as `onnx-w8a8`'s rewrite
 (`toolkit.export.onnx_w8a8`: each token quantized to 8 bits in the graph, `MatMulIntegerToFloat`
-over uint8 weights, the result rescaled per row), timed in one process at the
+over uint8 weights, the result rescaled per row; and over the int8 weights the engine gives it
+on VNNI CPUs, `toolkit.runtime.integer_weights`), timed in one process at the
 row counts serving produces: 1 (one client decoding), 16 (16 clients decoding), 720 (a
 16-prompt prefill). Rounds interleave the kernels (A B .. B A); the median is reported.
 
@@ -48,6 +49,7 @@ class Kernel:
     block: int = 0
     accuracy_level: int = 0
     w8a8: bool = False  # toolkit.export.onnx_w8a8's rewrite (MatMulIntegerToFloat)
+    signed: bool = False  # its weights retyped to int8, as the engine does on VNNI CPUs
 
 
 KERNELS = (
@@ -56,6 +58,8 @@ KERNELS = (
     Kernel("MatMulNBits 4-bit b32, int8 compute (onnx-int4)", 4, 32, 4),
     Kernel("MatMulNBits 8-bit b64, fp32 compute", 8, 64, 1),
     Kernel("MatMulIntegerToFloat u8 x u8, per-token activations (onnx-w8a8)", 8, w8a8=True),
+    Kernel("MatMulIntegerToFloat u8 x s8 (onnx-w8a8 served on VNNI CPUs; saturates without)", 8,
+           w8a8=True, signed=True),
 )
 
 
@@ -91,6 +95,10 @@ def session(kernel: Kernel, shapes: list[tuple[int, int]], threads: int) -> Any:
         from toolkit.export.onnx_w8a8 import ALPHA, rewrite_matmuls
 
         rewrite_matmuls(model, {f"x{k}": np.ones(k, dtype=np.float32) for k in widths}, ALPHA)
+        if kernel.signed:
+            from toolkit.runtime.integer_weights import retype_weights
+
+            retype_weights(model, signed=True)
     elif kernel.bits:
         from onnxruntime.quantization.matmul_nbits_quantizer import (
             DefaultWeightOnlyQuantConfig,

@@ -179,18 +179,18 @@ def _int8_weights(model: object) -> object:
     return model
 
 
-def test_integer_products_are_exact_where_int16_pairs_would_saturate(tmp_path: Path) -> None:
+def test_integer_products_are_exact_where_int16_pairs_would_saturate() -> None:
     """Full-scale weights of one sign meeting loud activations: every pair of products is
     beyond int16 (255 x 127 x 2), where MLAS's uint8 x int8 kernel saturates on CPUs without
-    AVX512-VNNI. The rewrite's output is the exact dequantized product on any CPU, and a row
-    of zeros comes out as zeros (its scale is 0, with no guard node). The same levels stored
-    as int8 (exports before uint8 weights) are found in the graph, which is what the load-time
-    warning rests on, and come out exact only on a VNNI CPU."""
-    import onnx
+    VNNI. Whichever sign the weights are given (`retype_weights`: int8 where the probe found
+    uint8 x int8 exact here), the output is the exact dequantized product, and a row of zeros
+    comes out as zeros (its scale is 0, with no guard node). Stored as int8 and left so (the
+    exports before uint8 weights), the same levels are exact only where the probe says so,
+    which is what the probe measures and the CPU's flags predict."""
     import onnxruntime as ort
 
     from toolkit.cpu import cpu_has_vnni
-    from toolkit.runtime.onnx_model import int8_weight_gemms
+    from toolkit.runtime.integer_weights import retype_weights, signed_weights_exact
 
     rng = np.random.default_rng(7)
     weight = np.where(rng.random((64, 24)) < 0.8, 1.0, -1.0).astype(np.float32)
@@ -200,28 +200,74 @@ def test_integer_products_are_exact_where_int16_pairs_would_saturate(tmp_path: P
     row_scale = np.maximum(np.abs(x).max(axis=1, keepdims=True), 1e-30) / 127
     levels = np.clip(np.round(x / row_scale), -127, 127).astype(np.int64)
     exact = (levels @ np.round(weight * 127).astype(np.int64)) * row_scale / 127
-    got = {}
-    for layout in ("uint8", "int8"):
+    assert signed_weights_exact() == cpu_has_vnni()
+
+    def run(stored_as_int8: bool, retype_to: bool | None) -> tuple[int, np.ndarray]:
         model = _one_matmul(weight)
         rewrite_matmuls(model, {"x": np.ones(64, dtype=np.float32)}, 0.0)
-        if layout == "int8":
+        if stored_as_int8:
             model = _int8_weights(model)
-        onnx.save(model, tmp_path / f"{layout}.onnx")
-        assert len(int8_weight_gemms(tmp_path / f"{layout}.onnx")) == (layout == "int8")
+        changed = 0 if retype_to is None else retype_weights(model, signed=retype_to)
         session = ort.InferenceSession(model.SerializeToString(),
                                        providers=["CPUExecutionProvider"])
-        got[layout] = session.run(["y"], {"x": x})[0]
-    assert np.isfinite(got["uint8"]).all() and not got["uint8"][3].any()
-    np.testing.assert_allclose(got["uint8"], exact, rtol=1e-5, atol=1e-5)
-    assert np.allclose(got["int8"], exact, rtol=1e-5, atol=1e-5) == cpu_has_vnni()
+        return changed, session.run(["y"], {"x": x})[0]
+
+    for stored_as_int8 in (False, True):
+        for retype_to in (False, True):
+            changed, got = run(stored_as_int8, retype_to)
+            assert changed == (stored_as_int8 != retype_to)
+            if retype_to and not signed_weights_exact():
+                continue  # int8 weights on a CPU that saturates them: shown below
+            assert np.isfinite(got).all() and not got[3].any()
+            np.testing.assert_allclose(got, exact, rtol=1e-5, atol=1e-5)
+    _, as_stored = run(True, None)
+    assert np.allclose(as_stored, exact, rtol=1e-5, atol=1e-5) == signed_weights_exact()
 
 
-def test_loading_an_int8_weight_export_warns_where_the_cpu_has_no_vnni(
-        w8a8, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_retyping_leaves_gemms_whose_weights_cannot_fold_or_whose_activations_are_signed(
+) -> None:
+    """Only constant weights and zero points fold into constants at load, and MLAS has no
+    int8 x uint8 kernel: such GEMMs keep their weights. An absent weight zero point is 0 of
+    the old sign, so retyped weights get -128 (int8) and compute the same sums."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from toolkit.runtime.integer_weights import retype_weights
+
+    rng = np.random.default_rng(8)
+    b = rng.integers(0, 256, (32, 8)).astype(np.uint8)
+    a = rng.integers(0, 256, (3, 32)).astype(np.uint8)
+
+    def gemm(activation_zero: np.ndarray, weight_as_input: bool = False) -> object:
+        inputs = [helper.make_tensor_value_info("a", TensorProto.UINT8, ["rows", 32])]
+        initializers = [numpy_helper.from_array(activation_zero, "a_zero")]
+        if weight_as_input:
+            inputs.append(helper.make_tensor_value_info("b", TensorProto.UINT8, [32, 8]))
+        initializers.append(numpy_helper.from_array(b, "b"))
+        graph = helper.make_graph(
+            [helper.make_node("MatMulInteger", ["a", "b", "a_zero"], ["y"])], "gemm", inputs,
+            [helper.make_tensor_value_info("y", TensorProto.INT32, ["rows", 8])], initializers)
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+    assert retype_weights(gemm(np.array(0, np.uint8), weight_as_input=True), signed=True) == 0
+    assert retype_weights(gemm(np.array(0, np.int8)), signed=True) == 0
+    model = gemm(np.array(3, np.uint8))
+    assert retype_weights(model, signed=True) == 1
+    assert "b/int8" in model.graph.node[-1].input
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(session.run(["y"], {"a": a})[0],
+                                  (a.astype(np.int64) - 3) @ b.astype(np.int64))
+
+
+def test_the_engine_opens_integer_gemms_with_the_sign_this_cpu_multiplies_exactly(
+        w8a8, tiny_gqa_fp32: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
+    """An export with uint8 weights (today's onnx-w8a8) and one with int8 weights (before
+    them) load with the sign the probe picks, from their own external data (nothing is
+    written beside them), and score alike; a graph without integer GEMMs loads as stored."""
     import onnx
 
-    import toolkit.cpu
+    from toolkit.runtime import integer_weights
     from toolkit.runtime.onnx_model import ONNX_FILE, OnnxCausalLM
 
     new, _ = w8a8
@@ -229,19 +275,35 @@ def test_loading_an_int8_weight_export_warns_where_the_cpu_has_no_vnni(
     shutil.copytree(new, old, ignore=shutil.ignore_patterns("model.onnx*"))
     onnx.save(_int8_weights(onnx.load(new / ONNX_FILE)), old / ONNX_FILE,
               save_as_external_data=True, location="model.onnx_data")
+    gemms = [n.op_type for n in onnx.load(new / ONNX_FILE, load_external_data=False).graph.node
+             ].count(INTEGER_GEMM)
+    files = {folder: sorted(p.name for p in folder.iterdir()) for folder in (new, old)}
+    reference = None
 
-    def warnings_on_load(flags: set[str], folder: Path) -> list[str]:
-        monkeypatch.setattr(toolkit.cpu, "cpu_flags", lambda: frozenset(flags))
+    def load(folder: Path, signed: bool) -> tuple[list[str], np.ndarray]:
+        monkeypatch.setattr(integer_weights, "signed_weights_exact", lambda: signed)
         caplog.clear()
-        with caplog.at_level("WARNING", logger="toolkit.runtime"):
-            OnnxCausalLM.from_dir(folder, threads=1)
-        return [r.getMessage() for r in caplog.records]
+        with caplog.at_level("INFO", logger="toolkit.runtime"):
+            logits = OnnxCausalLM.from_dir(folder, threads=1).logits(IDS)
+        return [r.getMessage() for r in caplog.records if "integer GEMM" in r.getMessage()], logits
 
-    (warning,) = warnings_on_load({"avx2"}, old)
-    assert str(old) in warning and "int8 weights" in warning
-    assert "toolkit export --quantize onnx-w8a8" in warning
-    assert warnings_on_load({"avx2", "avx512_vnni"}, old) == []
-    assert warnings_on_load({"avx2"}, new) == []
+    exact_here = integer_weights.signed_weights_exact()
+    for folder, stored_signed in ((new, False), (old, True)):
+        for signed in (False, True):
+            messages, logits = load(folder, signed)
+            if signed == stored_signed:
+                assert messages == []
+            else:
+                (message,) = messages
+                assert str(folder) in message and f"{gemms} integer GEMM(s)" in message
+                assert ("int8 weights" if signed else "uint8 weights") in message
+            if signed and not exact_here:
+                continue  # int8 weights on a CPU that saturates them
+            if reference is None:
+                reference = logits
+            np.testing.assert_allclose(logits, reference, rtol=1e-5, atol=1e-5)
+    assert {folder: sorted(p.name for p in folder.iterdir()) for folder in (new, old)} == files
+    assert integer_weights.graph_for_this_cpu(tiny_gqa_fp32 / ONNX_FILE) is None
 
 
 def _mlp(gamma: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> object:

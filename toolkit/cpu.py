@@ -3,8 +3,9 @@
 Kernels are chosen by these flags (MLAS's and oneDNN's int8 GEMMs, ggml's builds, PyTorch's
 bf16 path), and some compute differently with them, not only faster: an 8-bit dot product
 without VNNI (`vpmaddubsw`) adds each pair of uint8 x int8 products in a saturating int16,
-so an int8 GEMM that is exact on a VNNI CPU can return wrong outputs on an AVX2 one. Reports,
-engine start-up and benchmarks all ask here. Off Linux (no /proc/cpuinfo) the model is
+so an int8 GEMM that is exact on a VNNI CPU can return wrong outputs on an AVX2 one. Reports
+and benchmarks ask here (the ONNX engine measures its own kernel instead:
+`toolkit.runtime.integer_weights`). Off Linux (no /proc/cpuinfo) the model is
 unknown and the flags are empty, which every caller reads as "no such extension".
 """
 

@@ -24,6 +24,8 @@ builder's fp32 graph (`onnx_genai`) so that every decoder MatMul does that:
   outputs came out wrong on an AVX2 machine (the same graph is exact on a VNNI one), and the
   demo export scored +1.8 % there; uint8 x uint8 widens to int16 before multiplying, is exact
   everywhere, and scored +1.2 % at the same speed within this VM's noise (`W8A8_REASON`).
+  Where a CPU's uint8 x int8 kernel is exact (VNNI, AMX) it is also the fast one, so the engine
+  gives the weights that sign when it loads the graph (`toolkit.runtime.integer_weights`).
 - Nodes are the single-row cost (a decode step of one request runs ~800 of them), so the
   smoothing division is folded into the constant that made its input (the RMSNorm gammas,
   the up projection's columns for the down projection's input): it costs no node.

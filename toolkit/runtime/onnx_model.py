@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from toolkit.cpu import VNNI_FLAGS, cpu_has_vnni
 from toolkit.errors import ModelSourceError
+from toolkit.runtime.integer_weights import EXTERNAL_DATA_FOLDER, graph_for_this_cpu
 
 log = logging.getLogger("toolkit.runtime")
 ONNX_FILE = "model.onnx"
@@ -33,10 +33,6 @@ ONNX_FILE = "model.onnx"
 GENAI_CONFIG = "genai_config.json"
 _PAST_INPUT = re.compile(r"past_key_values\.(\d+)\.(key|value)")
 _ORT_FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
-
-#: ops that run MLAS's 8-bit GEMM, and the input that holds their (constant) weight
-INTEGER_GEMM_WEIGHT = {"MatMulInteger": 1, "MatMulIntegerToFloat": 1, "DynamicQuantizeMatMul": 1,
-                       "QLinearMatMul": 3}
 
 #: (sequence index in the batch, tokens generated so far for it) -> stop this sequence now
 StopFn = Callable[[int, list[int]], bool]
@@ -140,12 +136,17 @@ class OnnxCausalLM:
         options.inter_op_num_threads = 1
         if threads is not None:
             options.intra_op_num_threads = threads
-        session = ort.InferenceSession(str(path / ONNX_FILE), options, providers=list(providers))
-        lm = cls(session, path)
-        warning = int8_saturation_warning(path / ONNX_FILE)
-        if warning:
-            log.warning("%s: %s", path, warning)
-        return lm
+        retyped = graph_for_this_cpu(path / ONNX_FILE)
+        if retyped is None:
+            session = ort.InferenceSession(str(path / ONNX_FILE), options,
+                                           providers=list(providers))
+        else:
+            options.add_session_config_entry(EXTERNAL_DATA_FOLDER, str(path))
+            session = ort.InferenceSession(retyped.graph, options, providers=list(providers))
+            log.info("%s: %d integer GEMM(s) get %s weights, the sign this CPU multiplies "
+                     "exactly and fastest (toolkit.runtime.integer_weights)", path,
+                     retyped.gemms, retyped.sign)
+        return cls(session, path)
 
     def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
         """Logits for every position of a batch, without cache: what verification compares.
@@ -270,45 +271,6 @@ def default_query_lengths(width: int, lengths: np.ndarray) -> np.ndarray:
     """`QUERY_LENGTHS` as GroupQueryAttention assumes it when not given: each row's whole
     `width` new tokens, or fewer where the row holds fewer tokens (`lengths`) in all."""
     return np.minimum(width, lengths).astype(np.int32)
-
-
-def int8_weight_gemms(graph: Path) -> list[str]:
-    """The graph's integer GEMMs whose constant weights are int8 (not uint8).
-
-    MLAS multiplies their uint8 activations by int8 weights with `vpmaddubsw` on CPUs without
-    VNNI, which adds each pair of products in a saturating int16 (`toolkit.cpu`). onnx-w8a8
-    exports written before its weights became uint8 have 90 such GEMMs, and so do graphs from
-    onnxruntime's `quantize_dynamic` (int8 weights by default). Only the graph's structure is
-    read, not its external weights.
-    """
-    import onnx
-
-    model = onnx.load(str(graph), load_external_data=False)
-    int8 = {init.name for init in model.graph.initializer
-            if init.data_type == onnx.TensorProto.INT8}
-    return [node.name or node.output[0] for node in model.graph.node
-            if node.op_type in INTEGER_GEMM_WEIGHT
-            and len(node.input) > INTEGER_GEMM_WEIGHT[node.op_type]
-            and node.input[INTEGER_GEMM_WEIGHT[node.op_type]] in int8]
-
-
-def int8_saturation_warning(graph: Path) -> str | None:
-    """Why this graph computes some products wrong on this CPU, or None where it is exact
-    (or where the `onnx` package, which reads the graph, is not installed: serving needs only
-    onnxruntime)."""
-    if cpu_has_vnni():
-        return None
-    try:
-        gemms = int8_weight_gemms(graph)
-    except ImportError:
-        return None
-    if not gemms:
-        return None
-    return (f"{len(gemms)} integer GEMM(s) of this graph multiply by int8 weights, which this "
-            f"CPU (no {' / '.join(VNNI_FLAGS)}) adds in saturating int16 pairs: some outputs "
-            "come out wrong (~1 % of a layer's, measured on AVX2 with onnx-w8a8 exports written "
-            "before their weights became uint8). Re-export with `toolkit export --quantize "
-            "onnx-w8a8` (uint8 weights: exact on every CPU)")
 
 
 def _genai_decoder(path: Path) -> dict[str, Any]:

@@ -11,6 +11,7 @@ row counts serving produces: 1 (one client decoding), 16 (16 clients decoding), 
 16-prompt prefill). Rounds interleave the kernels (A B .. B A); the median is reported.
 
     .venv/bin/python benchmarks/matmul_kernels.py [--threads 2] [--rounds 5] [--save]
+        [--result matmul_kernels_vnni]
 
 Columns: ms per layer; `vs fp32` = fp32 time / this kernel's time at the same rows (> 1 is
 faster); `batch gain` = rows per second at M rows / rows per second at 1 row, the most that
@@ -166,6 +167,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--save", action="store_true")
+    parser.add_argument("--result", default="matmul_kernels",
+                        help="the saved result's name (matmul_kernels_vnni: a VNNI/AMX CPU's run)")
     args = parser.parse_args()
     config = json.loads(args.config.read_text(encoding="utf-8")) if args.config else SMOLLM2
     shapes = layer_shapes(config)
@@ -177,7 +180,7 @@ def main() -> None:
     if args.save:
         from benchmarks.results import save
 
-        save("matmul_kernels", {"threads": args.threads, "rounds": args.rounds,
+        save(args.result, {"threads": args.threads, "rounds": args.rounds,
                                 "shapes": shapes, "config": str(args.config or "SmolLM2-135M")},
              rows)
 

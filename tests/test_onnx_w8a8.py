@@ -304,6 +304,14 @@ def test_the_engine_opens_integer_gemms_with_the_sign_this_cpu_multiplies_exactl
             np.testing.assert_allclose(logits, reference, rtol=1e-5, atol=1e-5)
     assert {folder: sorted(p.name for p in folder.iterdir()) for folder in (new, old)} == files
     assert integer_weights.graph_for_this_cpu(tiny_gqa_fp32 / ONNX_FILE) is None
+    # the sign is measured on the CPU's kernels: a GPU provider first keeps the graph as stored
+    # (onnxruntime without CUDA falls back to the CPU, with a warning)
+    monkeypatch.setattr(integer_weights, "signed_weights_exact", lambda: False)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="toolkit.runtime"), pytest.warns(UserWarning):
+        OnnxCausalLM.from_dir(old, threads=1,
+                              providers=("CUDAExecutionProvider", "CPUExecutionProvider"))
+    assert not [r for r in caplog.records if "integer GEMM" in r.getMessage()]
 
 
 def _mlp(gamma: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> object:

@@ -136,7 +136,9 @@ class OnnxCausalLM:
         options.inter_op_num_threads = 1
         if threads is not None:
             options.intra_op_num_threads = threads
-        retyped = graph_for_this_cpu(path / ONNX_FILE)
+        # the sign is measured on MLAS, ONNX Runtime's CPU kernels: other providers keep the graph
+        cpu_only = list(providers) == ["CPUExecutionProvider"]
+        retyped = graph_for_this_cpu(path / ONNX_FILE) if cpu_only else None
         if retyped is None:
             session = ort.InferenceSession(str(path / ONNX_FILE), options,
                                            providers=list(providers))

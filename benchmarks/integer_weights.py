@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -81,21 +80,15 @@ def measure(folder: Path, threads: int, batches: list[int], tokens: int,
             for rows in batches:
                 print(f"integer_weights: round {r + 1}, {variant}, {rows} rows", file=sys.stderr,
                       flush=True)
-                batch = prompts(tokenizer, rows)
-                start = time.perf_counter()
-                backend.prefill(batch)
-                prefill = time.perf_counter() - start
-                step = step_breakdown(backend, timed, batch, tokens)
+                step = step_breakdown(backend, timed, prompts(tokenizer, rows), tokens)
                 cell = found.setdefault((variant, rows), {"prefill": [], "step": [], "ort": []})
-                cell["prefill"].append(prefill * 1e3)
-                cell["step"].append(step["step_ms"])
-                cell["ort"].append(step["ort_ms"])
+                for key in cell:
+                    cell[key].append(step[f"{key}_ms"])
                 picked[(variant, rows)] = step["generated"]
+    out = []
     for rows in batches:
         if not np.array_equal(picked[("stored", rows)], picked[("retyped", rows)]):
             raise SystemExit(f"integer_weights: {rows} rows: the variants picked different tokens")
-    out = []
-    for rows in batches:
         median = {variant: {key: statistics.median(values)
                             for key, values in found[(variant, rows)].items()}
                   for variant in VARIANTS}

@@ -101,7 +101,6 @@ def retype_weights(model: Any, signed: bool) -> int:
         """The name of `name` shifted by 128 into the new type (its nodes made once)."""
         if name not in converted:
             out = f"{name}/{suffix}"
-            constants[f"/retype/{shift}"] = np.array(shift, dtype=np.int32)
             nodes.extend([
                 helper.make_node("Cast", [name], [f"{out}/int32"], name=f"{out}/Widen",
                                  to=TensorProto.INT32),
@@ -134,6 +133,8 @@ def retype_weights(model: Any, signed: bool) -> int:
         del node.input[:]
         node.input.extend(inputs)
         changed += 1
+    if nodes:
+        constants[f"/retype/{shift}"] = np.array(shift, dtype=np.int32)
     graph.initializer.extend(numpy_helper.from_array(value, name)
                              for name, value in constants.items())
     for i, made in enumerate(nodes):
